@@ -1,0 +1,3 @@
+from lorakit.cli import main
+
+main(prog_name="lorakit")

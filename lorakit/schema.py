@@ -1,0 +1,168 @@
+"""Type checking of recipe values against Python annotations.
+
+The recipe's upstream sections are checked against the annotations of the
+upstream classes themselves (trl.SFTConfig, peft.LoraConfig,
+transformers.BitsAndBytesConfig), so this module knows nothing about any of
+their keys: it only understands the handful of annotation shapes they use.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import types
+import typing
+from typing import Any
+
+_NoneType = type(None)
+
+
+class Invalid(Exception):
+    """A value that does not fit its annotation; the message says what would."""
+
+
+def describe(annotation: Any) -> str:
+    """A short human name for an annotation: 'int', 'float or null', 'one of a, b'."""
+    origin = typing.get_origin(annotation)
+    if annotation is Any or annotation is typing.Any:
+        return "any value"
+    if annotation is _NoneType or annotation is None:
+        return "null"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(describe(a) for a in typing.get_args(annotation)))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(annotation))
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return "one of " + ", ".join(str(m.value) for m in annotation)
+    if origin in (list, tuple, set) or annotation in (list, tuple, set):
+        args = typing.get_args(annotation)
+        return f"a list of {describe(args[0])}" if args else "a list"
+    if origin is dict or annotation is dict:
+        return "a mapping"
+    if isinstance(annotation, type):
+        return {"str": "a string", "bool": "true or false", "int": "an integer", "float": "a number"}.get(
+            annotation.__name__, annotation.__name__
+        )
+    return str(annotation)
+
+
+def coerce(value: Any, annotation: Any) -> Any:
+    """Return `value` converted to fit `annotation`, or raise Invalid.
+
+    Conversions are the ones YAML users trip over: an int where a float is
+    expected, and '1e-4' (a string in YAML 1.1) where a number is expected.
+    """
+    if annotation is Any or annotation is typing.Any or annotation is None and value is None:
+        return value
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        members = typing.get_args(annotation)
+        if value is None:
+            if _NoneType in members:
+                return None
+            raise Invalid(f"must be {describe(annotation)}, not null")
+        # Prefer an exact match before conversions, so 'str | int' keeps a string a string.
+        ordered = sorted(members, key=lambda a: 0 if _exact(value, a) else 1)
+        errors = []
+        for member in ordered:
+            if member is _NoneType:
+                continue
+            try:
+                return coerce(value, member)
+            except Invalid as error:
+                errors.append(error)
+        enum_errors = [e for e in errors if "did you mean" in str(e)]
+        raise enum_errors[0] if enum_errors else Invalid(f"must be {describe(annotation)}, not {_show(value)}")
+    if origin is typing.Literal:
+        choices = typing.get_args(annotation)
+        if value in choices:
+            return value
+        raise Invalid(f"must be one of {', '.join(map(str, choices))}, not {_show(value)}{_suggest(value, choices)}")
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        choices = [m.value for m in annotation]
+        if value in choices or isinstance(value, annotation):
+            return value.value if isinstance(value, annotation) else value
+        raise Invalid(f"must be one of {', '.join(map(str, choices))}, not {_show(value)}{_suggest(value, choices)}")
+    if origin in (list, tuple, set) or annotation in (list, tuple, set):
+        if not isinstance(value, (list, tuple)):
+            raise Invalid(f"must be {describe(annotation)}, not {_show(value)}")
+        args = typing.get_args(annotation)
+        if not args or args[0] is Any:
+            return list(value)
+        items = []
+        for index, item in enumerate(value):
+            try:
+                items.append(coerce(item, args[0]))
+            except Invalid as error:
+                raise Invalid(f"item {index} {error}") from None
+        return items
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise Invalid(f"must be a mapping, not {_show(value)}")
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise Invalid(f"must be true or false, not {_show(value)}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise Invalid(f"must be an integer, not {_show(value)}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise Invalid(f"must be a number, not {_show(value)}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise Invalid(f"must be a string, not {_show(value)}")
+    if isinstance(annotation, type):
+        if isinstance(value, annotation):
+            return value
+        # Upstream fields typed as a class (a torch dtype, a config object) take their string form from YAML.
+        if isinstance(value, (str, dict)):
+            return value
+        raise Invalid(f"must be {describe(annotation)}, not {_show(value)}")
+    return value
+
+
+def _exact(value: Any, annotation: Any) -> bool:
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation in (int, float):
+        return isinstance(value, annotation) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    return False
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return str(value)
+
+
+def _suggest(value: Any, choices: Any) -> str:
+    close = closest(str(value), [str(c) for c in choices])
+    return f"; did you mean {close}?" if close else ""
+
+
+def closest(word: str, candidates: typing.Iterable[str]) -> str | None:
+    """The candidate a typo most likely meant, if any is close enough."""
+    matches = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return matches[0] if matches else None
