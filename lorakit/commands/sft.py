@@ -218,11 +218,12 @@ def print_summary(recipe: Recipe, placement, template_source: str, data, trainab
         for source in report.sources:
             rows.append(("", f"{source.name}: {source.format}, {source.used_rows:,} of {source.rows:,} rows"))
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
     rows += [
         ("batch", f"{batch} sequences per step = {args.per_device_train_batch_size} per device x "
                   f"{args.gradient_accumulation_steps} accumulation x {args.world_size} process(es)"
                   + (", packed" if args.packing else "")),
-        ("steps", f"{steps} optimizer steps, learning rate {args.learning_rate:g} ({getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)})"),
+        ("steps", f"{steps} optimizer steps, learning rate {args.learning_rate:g} ({scheduler})"),
         ("output", str(recipe.output_dir) + (f" (resuming from {resume_from.name})" if resume_from else "")),
     ]
     if recipe.model.get("trust_remote_code") and not recipe.model.get("revision"):
