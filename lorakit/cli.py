@@ -1,14 +1,30 @@
-"""The `lorakit` command group. Each command imports its module inside the function, so `--help` never imports torch."""
+"""The `lorakit` command group.
+
+Each command lives in `lorakit/commands/<module>.py` as a click command named `command`, and is imported only
+when it is listed or run. Command modules import torch and friends inside their functions, never at the top,
+so `lorakit --help` never imports torch.
+"""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
 
 from lorakit import __version__
 
-OVERRIDES_HELP = "OVERRIDES are dotted recipe paths, e.g. training.learning_rate=1e-4 lora.r=8 data.max_length=512."
+# command name -> module under lorakit.commands
+COMMANDS = {
+    "sft": "sft",
+    "validate": "validate",
+    "merge": "merge",
+    "eval": "evaluate",
+    "generate": "generate",
+    "push": "push",
+    "recipes": "recipes",
+    "init": "init",
+}
 
 
 def fail(message: str, code: int) -> None:
@@ -17,8 +33,26 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-class UserErrors(click.Group):
-    """Turns lorakit's own input errors into one clear message and exit code 2."""
+class LorakitGroup(click.Group):
+    """Loads commands lazily, and turns lorakit's own input errors into one clear message (no traceback)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name in COMMANDS if self._load(name) is not None]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return self._load(name)
+
+    @staticmethod
+    def _load(name: str) -> click.Command | None:
+        module = COMMANDS.get(name)
+        if module is None:
+            return None
+        try:
+            return importlib.import_module(f"lorakit.commands.{module}").command
+        except ModuleNotFoundError as error:
+            if error.name == f"lorakit.commands.{module}":
+                return None  # not built in this version
+            raise
 
     def invoke(self, ctx: click.Context):
         from lorakit.errors import user_error_code
@@ -32,31 +66,13 @@ class UserErrors(click.Group):
             fail(str(error), code)
 
 
-@click.group(cls=UserErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=LorakitGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="lorakit")
 def main() -> None:
     """Parameter-efficient fine-tuning of LLMs (LoRA, QLoRA) from one YAML recipe.
 
     Start with: lorakit sft recipes/quickstart.yaml
     """
-
-
-@main.command(epilog=OVERRIDES_HELP)
-@click.argument("recipe", type=click.Path(dir_okay=False))
-@click.argument("overrides", nargs=-1)
-@click.option("--output-dir", type=click.Path(file_okay=False), help="Where to write the run (overrides training.output_dir).")
-@click.option("--overwrite", is_flag=True, help="Replace a finished or different run already in the output folder.")
-@click.option("--no-resume", is_flag=True, help="Start over instead of resuming an interrupted run (needs --overwrite).")
-@click.option("--resume-changed", is_flag=True, help="Resume even though the recipe or data changed since the checkpoint.")
-@click.option("--device", type=click.Choice(["auto", "cuda", "mps", "xpu", "cpu"]), default=None,
-              help="Force a device (default: the recipe's model.device, auto).")
-def sft(recipe: str, overrides: tuple[str, ...], output_dir: str | None, overwrite: bool, no_resume: bool,
-        resume_changed: bool, device: str | None) -> None:
-    """Fine-tune a model with LoRA or QLoRA as RECIPE describes."""
-    from lorakit.commands.sft import run_sft
-
-    run_sft(recipe, overrides, output_dir=output_dir, overwrite=overwrite, no_resume=no_resume,
-            resume_changed=resume_changed, device=device)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,10 @@ def coerce(value: Any, annotation: Any) -> Any:
             if _NoneType in members:
                 return None
             raise Invalid(f"must be {describe(annotation)}, not null")
+        # 'SomeEnum | str' means "the enum, or its value as a string" (transformers converts and rejects others).
+        enums = [m for m in members if isinstance(m, type) and issubclass(m, enum.Enum)]
+        if enums and str in members and isinstance(value, str):
+            return coerce(value, enums[0])
         # Prefer an exact match before conversions, so 'str | int' keeps a string a string.
         ordered = sorted(members, key=lambda a: 0 if _exact(value, a) else 1)
         errors = []
@@ -162,7 +166,23 @@ def _suggest(value: Any, choices: Any) -> str:
     return f"; did you mean {close}?" if close else ""
 
 
+# Names that peer tools and papers use for keys spelled differently upstream.
+SYNONYMS = {
+    "rank": "r", "lora_r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules_regex": "target_modules",
+    "lr": "learning_rate", "epochs": "num_train_epochs", "num_epochs": "num_train_epochs",
+    "batch_size": "per_device_train_batch_size", "micro_batch_size": "per_device_train_batch_size",
+    "gradient_accumulation": "gradient_accumulation_steps", "warmup_ratio": "warmup_steps",
+    "scheduler": "lr_scheduler_type", "lr_scheduler": "lr_scheduler_type", "max_seq_length": "max_length",
+    "sequence_len": "max_length", "seq_len": "max_length", "model": "name_or_path", "model_name": "name_or_path",
+    "base_model": "name_or_path", "torch_dtype": "dtype", "attention": "attn_implementation",
+    "quant_type": "bnb_4bit_quant_type", "double_quant": "bnb_4bit_use_double_quant",
+}
+
+
 def closest(word: str, candidates: typing.Iterable[str]) -> str | None:
-    """The candidate a typo most likely meant, if any is close enough."""
-    matches = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    """The candidate a typo (or a peer tool's name for the key) most likely meant, if any is close enough."""
+    candidates = list(candidates)
+    if SYNONYMS.get(word) in candidates:
+        return SYNONYMS[word]
+    matches = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
     return matches[0] if matches else None

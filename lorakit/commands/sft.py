@@ -14,6 +14,24 @@ import click
 from lorakit import run_dir
 from lorakit.recipe import Recipe, load_recipe
 
+OVERRIDES_HELP = "OVERRIDES are dotted recipe paths, e.g. training.learning_rate=1e-4 lora.r=8 data.max_length=512."
+
+
+@click.command(epilog=OVERRIDES_HELP)
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--output-dir", type=click.Path(file_okay=False), help="Where to write the run (overrides training.output_dir).")
+@click.option("--overwrite", is_flag=True, help="Replace a finished or different run already in the output folder.")
+@click.option("--no-resume", is_flag=True, help="Start over instead of resuming an interrupted run (needs --overwrite).")
+@click.option("--resume-changed", is_flag=True, help="Resume even though the recipe or data changed since the checkpoint.")
+@click.option("--device", type=click.Choice(["auto", "cuda", "mps", "xpu", "cpu"]), default=None,
+              help="Force a device (default: the recipe's model.device, auto).")
+def command(recipe: str, overrides: tuple[str, ...], output_dir: str | None, overwrite: bool, no_resume: bool,
+            resume_changed: bool, device: str | None) -> None:
+    """Fine-tune a model with LoRA or QLoRA as RECIPE describes."""
+    run_sft(recipe, overrides, output_dir=output_dir, overwrite=overwrite, no_resume=no_resume,
+            resume_changed=resume_changed, device=device)
+
 
 def run_sft(recipe_path: str, overrides: tuple[str, ...] = (), *, output_dir: str | None = None,
             overwrite: bool = False, no_resume: bool = False, resume_changed: bool = False,
