@@ -1,0 +1,71 @@
+"""The recipe reference (docs/recipe-reference.md), rendered from the field docs in lorakit/recipe.py.
+
+One source for the help text: a test checks the committed page matches what this renders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lorakit import recipe
+
+
+def _default(field: dataclasses.Field) -> str:
+    if field.default is not dataclasses.MISSING:
+        value = field.default
+    elif field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = field.default_factory()  # type: ignore[misc]
+    else:
+        return "required"
+    return "`null`" if value is None else f"`{value}`".replace("`True`", "`true`").replace("`False`", "`false`")
+
+
+def _table(cls: type, prefix: str) -> list[str]:
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for field in dataclasses.fields(cls):
+        lines.append(f"| `{prefix}{field.name}` | {_default(field)} | {field.metadata['doc']} |")
+    return lines
+
+
+def _upstream(title: str, target: str, defaults: dict) -> list[str]:
+    lines = [f"## `{title}` -> `{target}`", "",
+             f"Every field of `{target}` is accepted under its own name and checked against the class. "
+             "lorakit changes only these defaults:", "", "| key | lorakit default |", "|---|---|"]
+    lines += [f"| `{title}.{key}` | `{value}` |" for key, value in defaults.items()]
+    return lines + [""]
+
+
+def render() -> str:
+    out = ["# Recipe reference", "",
+           "Generated from `lorakit/recipe.py` by `python -m lorakit.reference > docs/recipe-reference.md`.", "",
+           "A recipe has lorakit's own sections (`model`, `data`, `early_stopping`) and sections passed to upstream "
+           "classes (`quantization`, `lora`, `training`). Relative paths are looked up from the working directory, "
+           "then beside the recipe; the resolved recipe saved with a run holds them absolute.", "",
+           "## `model`", ""]
+    out += _table(recipe.ModelSection, "model.") + ["", "## `data`", ""]
+    out += _table(recipe.DataSection, "data.") + ["", "### each source in `data.train` / `data.eval`", "",
+                                                  "A source may also be written as just its path.", ""]
+    out += _table(recipe.DataSource, "") + ["", "## `early_stopping`", "",
+                                            "Stops when eval loss stops improving and keeps the best adapter "
+                                            "(transformers' EarlyStoppingCallback; needs eval data).", ""]
+    out += _table(recipe.EarlyStoppingSection, "early_stopping.") + [""]
+    out += _upstream("quantization", "transformers.BitsAndBytesConfig",
+                     {**recipe.QUANTIZATION_4BIT_DEFAULTS, "bnb_4bit_compute_dtype": "the model dtype",
+                      "bnb_4bit_quant_storage": "the model dtype (FSDP needs them equal)"})
+    out += _upstream("lora", "peft.LoraConfig", recipe.LORA_DEFAULTS)
+    out += _upstream("training", "trl.SFTConfig", {
+        **recipe.TRAINING_DEFAULTS,
+        "output_dir": "runs/<recipe file name>",
+        "bf16 / fp16": "from the model dtype on GPU; off on CPU",
+        "gradient_checkpointing": "on for GPU, off on CPU",
+        "packing": "true (padding-free, exact with sdpa/eager/flash attention)",
+        "use_cpu": "true when the device is CPU",
+        "eos_token": "the chat template's end-of-turn token when it differs from EOS",
+    })
+    out += ["These `training` keys are set from lorakit's own keys and are refused in `training`:", ""]
+    out += [f"- `training.{key}`: set {where}" for key, where in recipe.TRAINING_KEYS_OWNED_ELSEWHERE.items()]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    print(render(), end="")
