@@ -17,7 +17,7 @@ PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|p
 class Placement:
     """Where and how the model runs; printed in the summary and written to the run record."""
 
-    device: str  # cuda | xpu | mps | cpu
+    device: str  # cuda | xla (TPU) | xpu | mps | cpu
     dtype: str  # bfloat16 | float16 | float32
     attn_implementation: str
     device_name: str
@@ -30,21 +30,33 @@ class Placement:
 
 
 def choose_device(requested: str = "auto") -> str:
-    """CUDA, else XPU, else Apple MPS, else CPU; a requested device that is not there is an error."""
+    """CUDA, else TPU (torch_xla), else XPU, else Apple MPS, else CPU; a requested device that is not there is an error."""
     import torch
+
+    from lorakit.errors import LorakitError
 
     available = {
         "cuda": torch.cuda.is_available(),
+        "xla": importlib.util.find_spec("torch_xla") is not None and _xla_device_present(),
         "xpu": hasattr(torch, "xpu") and torch.xpu.is_available(),
         "mps": hasattr(torch.backends, "mps") and torch.backends.mps.is_available(),
         "cpu": True,
     }
     if requested != "auto":
         if not available.get(requested):
-            raise RuntimeError(f"model.device is {requested}, but no {requested} device is available here; "
-                               "use auto or cpu")
+            raise LorakitError(f"device {requested} was asked for, but no {requested} device is available here; "
+                               "use auto (picks what is there) or cpu")
         return requested
     return next(name for name, ok in available.items() if ok)
+
+
+def _xla_device_present() -> bool:
+    try:
+        import torch_xla.runtime as xr
+
+        return xr.device_type() == "TPU"
+    except Exception:  # torch_xla installed without a TPU attached
+        return False
 
 
 def choose_dtype(requested: str, device: str) -> str:
@@ -59,7 +71,7 @@ def choose_dtype(requested: str, device: str) -> str:
         import torch
 
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if device in ("xpu",):
+    if device in ("xpu", "xla"):
         return "bfloat16"
     return "float32"
 
@@ -189,6 +201,12 @@ def load_model(model_section: dict, quantization: dict | None, placement: Placem
         "attn_implementation": placement.attn_implementation,
     }
     quantization_config = build_quantization_config(quantization, placement)
+    if quantization_config is not None and placement.device in ("mps", "xla"):
+        from lorakit.errors import LorakitError
+
+        raise LorakitError(f"bitsandbytes quantization does not run on {placement.device.upper()}: remove the "
+                           "quantization section to train plain LoRA here, or run on a CUDA GPU or the CPU "
+                           "(--device cpu)")
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": _local_device(placement.device)}

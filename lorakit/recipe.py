@@ -63,8 +63,8 @@ class ModelSection:
         "a path to a .jinja file, or a Jinja string.",
         None,
     )
-    device: Literal["auto", "cuda", "mps", "xpu", "cpu"] = doc(
-        "auto: CUDA, else XPU, else Apple MPS, else CPU. Same as `lorakit sft --device`.", "auto"
+    device: Literal["auto", "cuda", "xla", "mps", "xpu", "cpu"] = doc(
+        "auto: CUDA, else TPU (xla), else XPU, else Apple MPS, else CPU. Same as `lorakit sft --device`.", "auto"
     )
 
 
@@ -106,13 +106,26 @@ class EarlyStoppingSection:
     threshold: float = doc("Smallest eval-loss improvement that counts.", 0.0)
 
 
-OWN_SECTIONS = {"model": ModelSection, "data": DataSection, "early_stopping": EarlyStoppingSection}
+@dataclass
+class LaunchSection:
+    accelerate_config: str | None = doc(
+        "accelerate config file (DDP, FSDP, DeepSpeed; see recipes/accelerate/). Same as `lorakit sft --accelerate-config`.",
+        None,
+    )
+    num_processes: int | None = doc(
+        "Processes to launch (usually one per GPU). Same as `lorakit sft --num-processes`; null: the config's or 1.",
+        None,
+    )
+
+
+OWN_SECTIONS = {"model": ModelSection, "data": DataSection, "early_stopping": EarlyStoppingSection,
+                "launch": LaunchSection}
 UPSTREAM_SECTIONS = {
     "quantization": "transformers.BitsAndBytesConfig",
     "lora": "peft.LoraConfig",
     "training": "trl.SFTConfig",
 }
-TOP_LEVEL = ("model", "quantization", "lora", "data", "training", "early_stopping")
+TOP_LEVEL = ("model", "quantization", "lora", "data", "training", "early_stopping", "launch")
 
 # lorakit's defaults for upstream sections, where upstream's are not fit for LoRA (each says why).
 LORA_DEFAULTS = {
@@ -187,6 +200,7 @@ class Recipe:
     training: dict[str, Any]
     quantization: dict[str, Any] | None = None
     early_stopping: dict[str, Any] | None = None
+    launch: dict[str, Any] | None = None
     file: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -198,6 +212,8 @@ class Recipe:
         out["training"] = self.training
         if self.early_stopping:
             out["early_stopping"] = self.early_stopping
+        if self.launch and any(v is not None for v in self.launch.values()):
+            out["launch"] = self.launch
         return copy.deepcopy(out)
 
     def dump(self) -> str:
@@ -459,11 +475,32 @@ class Validator:
                 self.problem(("early_stopping", "patience"), "must be at least 1")
             if dataset and not (dataset.get("eval") or dataset.get("eval_fraction")):
                 self.problem(("early_stopping",), "needs evaluation data: set data.eval or data.eval_fraction")
+        launch = self.validate_launch(data.get("launch"), quantization)
         self.check_conflicts(training, quantization, model)
         if self.problems:
             raise RecipeError(self.file, self.problems)
         return Recipe(model=model, data=dataset, lora=lora, training=training, quantization=quantization,
-                      early_stopping=early, file=self.file.resolve())
+                      early_stopping=early, launch=launch, file=self.file.resolve())
+
+    def validate_launch(self, values: Any, quantization: dict | None) -> dict:
+        fields = own_fields(LaunchSection)
+        launch = self.fill_defaults(("launch",), self.check_mapping(("launch",), values, fields), fields)
+        if isinstance(launch.get("num_processes"), int) and launch["num_processes"] < 1:
+            self.problem(("launch", "num_processes"), "must be at least 1")
+        config = launch.get("accelerate_config")
+        if isinstance(config, str):
+            path = self.local_path(config)
+            if path is None or not path.is_file():
+                self.problem(("launch", "accelerate_config"), f"file not found: {config} "
+                             "(shipped configs are in recipes/accelerate/)")
+                return launch
+            launch["accelerate_config"] = str(path)
+            from lorakit.launch import incompatibility
+
+            message = incompatibility(path, quantization)
+            if message:
+                self.problem(("launch", "accelerate_config"), message)
+        return launch
 
     def validate_model(self, values: Any) -> dict:
         if values is None:

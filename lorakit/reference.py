@@ -48,7 +48,10 @@ def render() -> str:
     out += _table(recipe.DataSource, "") + ["", "## `early_stopping`", "",
                                             "Stops when eval loss stops improving and keeps the best adapter "
                                             "(transformers' EarlyStoppingCallback; needs eval data).", ""]
-    out += _table(recipe.EarlyStoppingSection, "early_stopping.") + [""]
+    out += _table(recipe.EarlyStoppingSection, "early_stopping.") + ["", "## `launch`", "",
+                                                                     "How many processes run the fine-tune; see "
+                                                                     "[distributed.md](distributed.md).", ""]
+    out += _table(recipe.LaunchSection, "launch.") + [""]
     out += _upstream("quantization", "transformers.BitsAndBytesConfig",
                      {**recipe.QUANTIZATION_4BIT_DEFAULTS, "bnb_4bit_compute_dtype": "the model dtype",
                       "bnb_4bit_quant_storage": "the model dtype (FSDP needs them equal)"})

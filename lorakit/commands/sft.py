@@ -24,7 +24,7 @@ OVERRIDES_HELP = "OVERRIDES are dotted recipe paths, e.g. training.learning_rate
 @click.option("--overwrite", is_flag=True, help="Replace a finished or different run already in the output folder.")
 @click.option("--no-resume", is_flag=True, help="Start over instead of resuming an interrupted run (needs --overwrite).")
 @click.option("--resume-changed", is_flag=True, help="Resume even though the recipe or data changed since the checkpoint.")
-@click.option("--device", type=click.Choice(["auto", "cuda", "mps", "xpu", "cpu"]), default=None,
+@click.option("--device", type=click.Choice(["auto", "cuda", "xla", "mps", "xpu", "cpu"]), default=None,
               help="Force a device (default: the recipe's model.device, auto).")
 def command(recipe: str, overrides: tuple[str, ...], output_dir: str | None, overwrite: bool, no_resume: bool,
             resume_changed: bool, device: str | None) -> None:

@@ -1,0 +1,96 @@
+"""Running `lorakit sft` on several processes through accelerate (torchrun underneath, FSDP/DeepSpeed behind it).
+
+lorakit has no launcher of its own: `lorakit sft RECIPE --num-processes N` re-runs itself as
+`accelerate launch [--config_file F] ... -m lorakit sft RECIPE ...`, so `accelerate launch -m lorakit sft` and
+`torchrun -m lorakit sft` behave the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Environment variables that mean "this process was started by a distributed launcher".
+LAUNCHED_MARKERS = ("LOCAL_RANK", "ACCELERATE_LAUNCHED", "TORCHELASTIC_RUN_ID")
+
+
+def already_launched() -> bool:
+    return any(name in os.environ for name in LAUNCHED_MARKERS)
+
+
+def read_accelerate_config(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        return {"_error": str(error)}
+    return data if isinstance(data, dict) else {"_error": "not a mapping"}
+
+
+def incompatibility(config_path: Path, quantization: dict | None) -> str | None:
+    """Why this accelerate config cannot run this recipe's quantization, and what to use instead; None if it can."""
+    config = read_accelerate_config(config_path)
+    if "_error" in config:
+        return f"{config_path} is not a readable accelerate config: {config['_error']}"
+    kind = str(config.get("distributed_type", "")).upper()
+    quantization = quantization or {}
+    eight, four = quantization.get("load_in_8bit"), quantization.get("load_in_4bit")
+    if kind == "FSDP":
+        if eight:
+            return ("8-bit (LLM.int8) weights cannot be sharded by FSDP; use quantization.load_in_4bit (QLoRA, "
+                    "recipes/accelerate/fsdp2-qlora.yaml) or DDP (recipes/accelerate/ddp.yaml)")
+        storage = quantization.get("bnb_4bit_quant_storage")
+        compute = quantization.get("bnb_4bit_compute_dtype")
+        if four and storage and compute and storage != compute:
+            return (f"FSDP shards 4-bit weights stored as {storage} next to {compute} parameters; set "
+                    "quantization.bnb_4bit_quant_storage equal to bnb_4bit_compute_dtype (or leave both unset)")
+        fsdp = config.get("fsdp_config") or {}
+        if four and fsdp.get("fsdp_offload_params"):
+            return "QLoRA under FSDP cannot offload parameters to CPU; set fsdp_offload_params: false"
+    if kind == "DEEPSPEED":
+        deepspeed = config.get("deepspeed_config") or {}
+        stage = int(deepspeed.get("zero_stage", 0) or 0)
+        offload = str(deepspeed.get("offload_param_device", "none")).lower() not in ("none", "")
+        if eight and stage == 3:
+            return ("8-bit weights cannot be partitioned by ZeRO-3; use ZeRO-2 "
+                    "(recipes/accelerate/deepspeed-zero2.yaml) or 4-bit QLoRA")
+        if four and stage == 3 and offload:
+            return ("QLoRA with ZeRO-3 parameter offload is not supported by bitsandbytes; use ZeRO-3 without "
+                    "offload (recipes/accelerate/deepspeed-zero3.yaml) or FSDP2 QLoRA (recipes/accelerate/fsdp2-qlora.yaml)")
+    return None
+
+
+def launch_command(sft_args: list[str], num_processes: int | None, accelerate_config: str | None,
+                   num_machines: int | None = None, machine_rank: int | None = None,
+                   main_process_ip: str | None = None, main_process_port: int | None = None) -> list[str]:
+    """The `accelerate launch` command line that runs `lorakit sft` with `sft_args` on every process."""
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if accelerate_config:
+        command += ["--config_file", str(accelerate_config)]
+    if num_processes:
+        command += ["--num_processes", str(num_processes)]
+        if not accelerate_config and num_processes > 1:
+            command += ["--multi_gpu"]  # DDP through torchrun; gloo on CPU, NCCL on GPUs
+    if num_machines and num_machines > 1:
+        command += ["--num_machines", str(num_machines), "--machine_rank", str(machine_rank or 0)]
+        if main_process_ip:
+            command += ["--main_process_ip", main_process_ip]
+    if main_process_port is not None:
+        command += ["--main_process_port", str(main_process_port)]
+    elif not (num_machines and num_machines > 1):
+        command += ["--main_process_port", "0"]  # a free port, so two runs on one machine don't collide
+    return command + ["-m", "lorakit", "sft", *sft_args]
+
+
+def relaunch(command: list[str]) -> int:
+    """Run the launcher and return its exit status; an interrupt reaches the children, which checkpoint and exit."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // 2)))
+    try:
+        return subprocess.call(command, env=env)
+    except KeyboardInterrupt:
+        return 130
