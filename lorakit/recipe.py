@@ -32,7 +32,9 @@ from lorakit.schema import Invalid, closest, coerce
 SHIPPED_CHAT_TEMPLATES = ("chatml",)
 LOCAL_DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt")
 FORMATS = ("text", "alpaca", "sharegpt", "messages", "prompt_completion")
-SECRET_KEY_PATTERN = re.compile(r"(token|secret|password|api_key)", re.IGNORECASE)
+# Credentials only: `hub_token`, `api_key`, `password`...; not trl's `eos_token` / `pad_token` nor token counts.
+SECRET_KEY_PATTERN = re.compile(r"(^|_)(token|secret|password|passwd|api_key|access_key)$", re.IGNORECASE)
+NOT_SECRET_KEYS = re.compile(r"^(bos|eos|pad|unk|sep|cls|mask)_token$")
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
@@ -239,11 +241,16 @@ class Recipe:
         return bool(self.data.get("eval")) or bool(self.data.get("eval_fraction"))
 
 
+def is_secret_key(key: Any) -> bool:
+    key = str(key)
+    return bool(SECRET_KEY_PATTERN.search(key)) and not NOT_SECRET_KEYS.match(key)
+
+
 def redact(value: Any) -> Any:
     """A copy with every secret-looking key's value replaced, so a token never reaches a file or log."""
     if isinstance(value, dict):
         return {
-            k: ("<redacted>" if SECRET_KEY_PATTERN.search(str(k)) and v not in (None, "") else redact(v))
+            k: ("<redacted>" if is_secret_key(k) and v not in (None, "") else redact(v))
             for k, v in value.items()
         }
     if isinstance(value, list):

@@ -204,3 +204,12 @@ def test_fingerprint_ignores_where_output_goes_but_not_what_trains(write_recipe,
     base = load_recipe(path).fingerprint()
     assert load_recipe(path, ["training.output_dir=/tmp/elsewhere"]).fingerprint() == base
     assert load_recipe(path, ["lora.r=4"]).fingerprint() != base
+
+
+def test_redaction_hides_credentials_but_keeps_special_token_settings():
+    from lorakit.recipe import redact
+
+    assert redact({"training": {"hub_token": "hf_x", "eos_token": "<|im_end|>", "pad_token": "<pad>"},
+                   "stats": {"tokens": 5}, "api_key": "k", "password": None}) == {
+        "training": {"hub_token": "<redacted>", "eos_token": "<|im_end|>", "pad_token": "<pad>"},
+        "stats": {"tokens": 5}, "api_key": "<redacted>", "password": None}
