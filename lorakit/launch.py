@@ -87,10 +87,24 @@ def launch_command(sft_args: list[str], num_processes: int | None, accelerate_co
 
 
 def relaunch(command: list[str]) -> int:
-    """Run the launcher and return its exit status; an interrupt reaches the children, which checkpoint and exit."""
+    """Run the launcher and return its exit status.
+
+    SIGTERM/SIGINT sent to this process (a scheduler preempting the job) are passed on to the launcher, which
+    passes them to every worker; the workers checkpoint at the next step and exit, and their status is returned.
+    """
+    import signal
+
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // 2)))
+    child = subprocess.Popen(command, env=env)
+
+    def forward(signum, frame):
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return subprocess.call(command, env=env)
-    except KeyboardInterrupt:
-        return 130
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -137,11 +137,14 @@ def load_tokenizer(model_section: dict):
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_section["name_or_path"],
-        revision=model_section.get("revision"),
-        trust_remote_code=model_section.get("trust_remote_code", False),
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_section["name_or_path"],
+            revision=model_section.get("revision"),
+            trust_remote_code=model_section.get("trust_remote_code", False),
+        )
+    except (OSError, ValueError) as error:
+        raise _load_error("tokenizer", model_section, error) from None
     template, source = resolve_chat_template(model_section.get("chat_template"), tokenizer)
     tokenizer.chat_template = template
     if tokenizer.pad_token is None:
@@ -151,6 +154,20 @@ def load_tokenizer(model_section: dict):
         # keeps its label.
         tokenizer.pad_token = pad or tokenizer.eos_token
     return tokenizer, source
+
+
+def _load_error(what: str, model_section: dict, error: Exception):
+    """One clear message for a model or tokenizer that cannot be loaded (missing, offline, pickle-only weights)."""
+    from lorakit.errors import LorakitError
+
+    name = model_section["name_or_path"]
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    hint = ""
+    if "safetensors" in str(error).lower():
+        hint = " lorakit loads safetensors weights only (pickled .bin weights can run code when loaded)."
+    elif os.environ.get("HF_HUB_OFFLINE") == "1" and not Path(name).exists():
+        hint = " The Hub is off (HF_HUB_OFFLINE=1) and the model is not in the local cache."
+    return LorakitError(f"model.name_or_path: cannot load the {what} of {name}: {first}.{hint}")
 
 
 def end_of_turn_token(tokenizer) -> str | None:
@@ -210,7 +227,12 @@ def load_model(model_section: dict, quantization: dict | None, placement: Placem
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": _local_device(placement.device)}
-    model = AutoModelForCausalLM.from_pretrained(model_section["name_or_path"], **kwargs)
+    # safetensors only: pickled .bin weights can run code when loaded.
+    kwargs["use_safetensors"] = True
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_section["name_or_path"], **kwargs)
+    except OSError as error:
+        raise _load_error("model", model_section, error) from None
     if quantization_config is not None:
         from peft import prepare_model_for_kbit_training
 

@@ -1,12 +1,15 @@
-"""The output folder of a run: guarding what is already there, the run record, and reading a finished run back."""
+"""The output folder of a run: guarding what is already there, the run record, checkpoints, reading a run back."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import time
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,10 @@ from lorakit.errors import OutputDirError
 
 RECIPE_FILE = "lorakit_recipe.yaml"
 RECORD_FILE = "lorakit_run.json"
+# Written into a checkpoint folder after every other file of it is on disk; a checkpoint without it is never used.
+COMPLETE_MARKER = "lorakit_complete.json"
 LIBRARIES = ("lorakit", "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", "tokenizers")
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 
 # Status values a run record can hold.
 RUNNING, COMPLETED, FAILED, INTERRUPTED = "running", "completed", "failed", "interrupted"
@@ -29,6 +35,9 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
+
+# ---------------------------------------------------------------- the run record
 
 
 def read_record(folder: str | os.PathLike) -> dict[str, Any] | None:
@@ -57,16 +66,153 @@ def update_record(folder: str | os.PathLike, **changes: Any) -> dict[str, Any]:
     return record
 
 
+def require_completed(folder: str | os.PathLike) -> dict[str, Any]:
+    """The record of a finished run; anything else (running, interrupted, failed, not a run) is refused.
+
+    For commands that publish or build on a run (push, merge): a diverged or half-trained adapter must never
+    leave the machine as if it were fine.
+    """
+    folder = Path(folder)
+    record = read_record(folder)
+    if record is None:
+        raise OutputDirError(f"{folder} is not a lorakit run folder (no {RECORD_FILE})")
+    status = record.get("status")
+    if status == COMPLETED:
+        return record
+    failure = record.get("failure") or {}
+    why = f": {failure['message']}" if failure.get("message") else ""
+    if status == INTERRUPTED:
+        why = "; run the same `lorakit sft` command again to resume it"
+    status = status or "unfinished"
+    article = "an" if status[0] in "aeiou" else "a"
+    raise OutputDirError(f"{folder} holds {article} {status} run, not a finished one{why}")
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What decides the trained weights: the resolved recipe and the content of every data source."""
+
+    recipe: str
+    data: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def value(self) -> str:
+        text = json.dumps({"recipe": self.recipe, "data": self.data}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def to_record(self) -> dict[str, Any]:
+        return {"fingerprint": self.value, "fingerprint_parts": {"recipe": self.recipe, "data": self.data}}
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
 def checkpoints(folder: str | os.PathLike) -> list[Path]:
-    """Trainer checkpoints in the folder, oldest first."""
-    found = [p for p in Path(folder).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+    """Trainer checkpoint folders, complete or not, oldest first. Symlinks are never followed (nor deleted through)."""
+    found = []
+    for path in Path(folder).glob("checkpoint-*"):
+        if CHECKPOINT_NAME.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
+            found.append(path)
+    return sorted(found, key=checkpoint_step)
 
 
-def prepare_output_dir(folder: Path, fingerprint: str, overwrite: bool) -> str:
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[-1])
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """True when the marker is there and every file it lists still has the size it had when the save finished."""
+    try:
+        marker = json.loads((checkpoint / COMPLETE_MARKER).read_text(encoding="utf-8"))
+        return all((checkpoint / name).stat().st_size == size for name, size in marker["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def complete_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    return [c for c in checkpoints(folder) if is_complete(c)]
+
+
+def latest_complete_checkpoint(folder: str | os.PathLike) -> Path | None:
+    complete = complete_checkpoints(folder)
+    return complete[-1] if complete else None
+
+
+def mark_complete(checkpoint: Path, step: int) -> None:
+    """Flush the checkpoint's files to disk, then write the marker (atomically): the marker is always the last write.
+
+    The flush matters on preemptible machines that lose power rather than processes: without it, the marker could
+    reach the disk before the optimizer state it vouches for.
+    """
+    files = {}
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER):
+        _fsync(path)
+        files[path.relative_to(checkpoint).as_posix()] = path.stat().st_size
+    marker = checkpoint / COMPLETE_MARKER
+    tmp = checkpoint / (COMPLETE_MARKER + ".tmp")
+    tmp.write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n", encoding="utf-8")
+    _fsync(tmp)
+    os.replace(tmp, marker)
+    _fsync(checkpoint)
+
+
+def unmark(checkpoint: Path) -> None:
+    """Withdraw the marker of a checkpoint about to be written again (a save at the step it was resumed from)."""
+    (checkpoint / COMPLETE_MARKER).unlink(missing_ok=True)
+
+
+def remove_incomplete_checkpoints(folder: str | os.PathLike) -> list[str]:
+    """Delete checkpoints whose save never finished (the process died while writing them); return their names."""
+    removed = []
+    for checkpoint in checkpoints(folder):
+        if not is_complete(checkpoint):
+            shutil.rmtree(checkpoint)
+            removed.append(checkpoint.name)
+    return removed
+
+
+def prune_checkpoints(folder: str | os.PathLike, keep: int | None, protect: str | os.PathLike | None = None) -> None:
+    """Keep the newest `keep` complete checkpoints (and `protect`, the best one); delete the older ones.
+
+    Done here rather than by transformers' save_total_limit, which prunes before lorakit's marker is written and
+    counts incomplete checkpoints: it could delete the last complete checkpoint in favour of one still being written.
+    """
+    if not keep or keep <= 0:
+        return
+    complete = complete_checkpoints(folder)
+    protected = Path(protect).resolve() if protect else None
+    for checkpoint in complete[:-keep]:
+        if checkpoint.resolve() != protected:
+            shutil.rmtree(checkpoint)
+
+
+def remove_checkpoints(folder: str | os.PathLike) -> None:
+    for checkpoint in checkpoints(folder):
+        shutil.rmtree(checkpoint)
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot fsync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- what to do with the output folder
+
+
+def prepare_output_dir(folder: Path, fingerprint: Fingerprint, overwrite: bool = False, *, resume_changed: bool = False,
+                       no_resume: bool = False) -> str:
     """Decide what to do with the output folder: 'new', 'resume' or 'overwrite'; refuse anything that would lose work.
 
-    A folder that is not a lorakit run is never deleted, even with --overwrite.
+    An unfinished run of the same recipe and data is resumed (even with --overwrite: --no-resume is the way to
+    start it over). A folder that is not a lorakit run is never deleted, even with --overwrite.
     """
     if not folder.exists():
         return "new"
@@ -80,18 +226,37 @@ def prepare_output_dir(folder: Path, fingerprint: str, overwrite: bool) -> str:
         raise OutputDirError(
             f"output folder {folder} is not empty and is not a lorakit run; nothing was changed. "
             "Choose another --output-dir (lorakit never deletes files it did not write).")
-    if overwrite:
-        return "overwrite"
-    same = record.get("recipe_fingerprint") == fingerprint
+    same = record.get("fingerprint") == fingerprint.value
     if record.get("status") == COMPLETED:
-        what = "this recipe" if same else "a different recipe"
+        if overwrite:
+            return "overwrite"
+        what = "this recipe and data" if same else "a different recipe or data"
         raise OutputDirError(f"output folder {folder} already holds a finished run of {what}; nothing was changed. "
                              "Use --overwrite to replace it, or choose another --output-dir.")
-    if not same:
-        raise OutputDirError(f"output folder {folder} holds an unfinished run of a different recipe; nothing was "
-                             "changed. Use --overwrite to replace it, --resume-changed to continue it anyway, "
-                             "or choose another --output-dir.")
-    return "resume"
+    if no_resume:
+        return "overwrite"  # the caller has checked that --overwrite came with it
+    if same or resume_changed:
+        return "resume"
+    if overwrite:
+        return "overwrite"
+    raise OutputDirError(f"output folder {folder} holds an unfinished run of {describe_change(record, fingerprint)}; "
+                         "nothing was changed. Use --resume-changed to continue it anyway, --overwrite to replace it, "
+                         "or choose another --output-dir.")
+
+
+def describe_change(record: dict[str, Any], fingerprint: Fingerprint) -> str:
+    """'a different recipe', 'different data (train.jsonl)'... from what the record kept of the earlier run."""
+    before = record.get("fingerprint_parts") or {}
+    if not before:
+        return "a different recipe or data"
+    changed = []
+    if before.get("recipe") != fingerprint.recipe:
+        changed.append("a different recipe")
+    old_data, new_data = before.get("data") or {}, fingerprint.data
+    names = sorted(name for name in set(old_data) | set(new_data) if old_data.get(name) != new_data.get(name))
+    if names:
+        changed.append("different data (" + ", ".join(Path(n).name for n in names) + ")")
+    return " and ".join(changed) or "a different recipe or data"
 
 
 def clear_run(folder: Path) -> None:

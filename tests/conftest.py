@@ -13,6 +13,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """lorakit's prepared-data cache goes to a temporary folder, never the user's ~/.cache."""
+    os.environ["LORAKIT_CACHE"] = str(tmp_path_factory.mktemp("lorakit-cache"))
+
 CHATML = (Path(__file__).parent.parent / "lorakit" / "templates" / "chatml.jinja").read_text()
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
 
