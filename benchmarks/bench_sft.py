@@ -45,9 +45,19 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, 
 
 def build_model(folder: Path, args) -> None:
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    tokenizer = AutoTokenizer.from_pretrained(REPO / "recipes" / "quickstart" / "base_model")
+    # A byte-level BPE trained on the benchmark's own words, with lorakit's ChatML template.
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([" ".join(WORDS)] * 10, trainer=trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|pad|>",
+                                        additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tokenizer.chat_template = (REPO / "lorakit" / "templates" / "chatml.jinja").read_text()
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
     vocab = max(args.vocab, len(tokenizer))
@@ -129,8 +139,8 @@ def lorakit_run(args, model_dir: Path, data: Path, out: Path) -> dict:
     captured = {}
     original = sft.build_callbacks
 
-    def with_clock(recipe_obj):
-        return original(recipe_obj) + [clock]
+    def with_clock(*a, **k):
+        return original(*a, **k) + [clock]
 
     original_train = None
     from trl import SFTTrainer
@@ -241,7 +251,7 @@ def main() -> None:
 def print_table(results: dict, names: dict, args) -> None:
     print(f"\nmodel: Llama hidden {args.hidden} x {args.layers} layers, vocab {args.vocab}; {args.rows} rows, "
           f"max_length {args.max_length}, micro-batch {args.batch}, {args.steps} steps")
-    base = results.get("trl-defaults")
+    base = results.get("trl-defaults") or results.get("trl-tuned")
     header = f"{'variant':<28}{'tokens/s':>10}{'peak mem GiB':>14}{'first step s':>14}{'final loss':>12}{'vs plain':>10}"
     if any(r.get("mfu") is not None for r in results.values()):
         header += f"{'MFU':>8}"
