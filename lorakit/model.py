@@ -167,7 +167,7 @@ def _load_error(what: str, model_section: dict, error: Exception):
         hint = " lorakit loads safetensors weights only (pickled .bin weights can run code when loaded)."
     elif os.environ.get("HF_HUB_OFFLINE") == "1" and not Path(name).exists():
         hint = " The Hub is off (HF_HUB_OFFLINE=1) and the model is not in the local cache."
-    return LorakitError(f"model.name_or_path: cannot load the {what} of {name}: {first}.{hint}")
+    return LorakitError(f"model.name_or_path: cannot load the {what} of {name}: {first.rstrip('.')}.{hint}")
 
 
 def end_of_turn_token(tokenizer) -> str | None:
@@ -224,16 +224,20 @@ def load_model(model_section: dict, quantization: dict | None, placement: Placem
         raise LorakitError(f"bitsandbytes quantization does not run on {placement.device.upper()}: remove the "
                            "quantization section to train plain LoRA here, or run on a CUDA GPU or the CPU "
                            "(--device cpu)")
+    # Under FSDP (accelerate sets this), the launcher shards the model: no per-process device map, and no k-bit
+    # preparation, whose fp32 upcast of the unquantized weights would mix dtypes inside FSDP's flat shards.
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-        kwargs["device_map"] = {"": _local_device(placement.device)}
+        if not fsdp:
+            kwargs["device_map"] = {"": _local_device(placement.device)}
     # safetensors only: pickled .bin weights can run code when loaded.
     kwargs["use_safetensors"] = True
     try:
         model = AutoModelForCausalLM.from_pretrained(model_section["name_or_path"], **kwargs)
     except OSError as error:
         raise _load_error("model", model_section, error) from None
-    if quantization_config is not None:
+    if quantization_config is not None and not fsdp:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)

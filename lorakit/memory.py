@@ -1,0 +1,361 @@
+"""Estimates of a run's peak accelerator memory and of its number of optimizer steps, before any weight is loaded.
+
+The model's shape comes from its config alone: the model is built on PyTorch's meta device (no memory, no
+download of weights) and wrapped by peft with the recipe's own LoraConfig, so the parameter counts are exact and
+LoRA's targets follow peft's own matching rules (all-linear, exclude_modules, modules_to_save, ...).
+
+Peak memory is the sum of what lorakit's training holds at its worst moment, early in the backward pass of the
+first optimizer step:
+  weights           the base model in the compute dtype; with bitsandbytes, the quantized linear layers, and
+                    every other parameter in float32 (peft's prepare_model_for_kbit_training upcasts them);
+  trainable state   LoRA weights, their gradients and AdamW's two moments, all float32 (16 bytes a parameter);
+  activations       what autograd keeps for the backward pass, counted tensor by tensor for a decoder layer
+                    (`layer_bytes_per_token`): for every layer, or with gradient checkpointing each layer's input;
+  backward workspace the larger of the LM head's working set (trl scores the head in tiles, never building the
+                    full logits) and one layer's (recomputed activations and the gradients in flight);
+  overhead          on CUDA, the context and cuBLAS workspaces (not tensors, but on the card) and the caching
+                    allocator's slack.
+Everything not listed (inputs, the run's bookkeeping) is well below the estimate's error.
+
+`estimate_recipe_memory` reads a recipe the way `lorakit sft` will run it (trl's defaults where the recipe is
+silent, sft's own choices for the device, the launch section's processes and sharding); `lorakit validate` and
+the shipped recipes' headers both use it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+GIB = 1024**3
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# trl's chunked log-prob kernel (trl/kernels/chunked_logprob.py): tiles of this many tokens x vocabulary entries.
+HEAD_TILE_TOKENS = 4096
+HEAD_TILE_VOCAB = 32768
+# bitsandbytes 4-bit: two weights a byte, one absmax per 64 weights (float32, or 8-bit with a float32 per 256
+# of those when double quantization is on).
+FOUR_BIT_BYTES = 0.5 + 4 / 64
+FOUR_BIT_DOUBLE_QUANT_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+# AdamW on LoRA: float32 weight + float32 gradient + two float32 moments.
+TRAINABLE_BYTES = 16
+CUDA_CONTEXT_BYTES = int(0.75 * GIB)
+ALLOCATOR_SLACK = 0.10
+# Attention implementations with which sft packs sequences by default (lorakit.commands.sft.build_sft_config).
+PACKING_ATTENTION = ("auto", "flash_attention_2", "flash_attention_3", "sdpa", "eager", "kernels-community/flash-attn")
+SIZE_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(gib|gb|mib|mb|g|m)\s*$", re.IGNORECASE)
+
+
+@dataclass
+class ModelShape:
+    """Sizes of a model with its LoRA adapter, counted on the meta device."""
+
+    total_params: int  # the base model's parameters (tied weights once)
+    quantizable_params: int  # in the linear layers bitsandbytes quantizes (all but the output head)
+    quantizable_rows: int  # their output features: 8-bit keeps one float32 scale per row
+    largest_linear: int  # elements of the biggest of those: a quantized weight is dequantized one at a time
+    trainable_params: int  # LoRA weights (and modules_to_save copies)
+    layers: int
+    layer_params: int  # one decoder layer's parameters
+    layer_quantizable_params: int
+    hidden: int
+    intermediate: int
+    heads: int
+    attention_width: int  # heads x head_dim
+    kv_width: int  # key/value heads x head_dim
+    vocab: int
+    up_projections: int  # linear layers into the MLP's intermediate size: 2 for gated MLPs (Llama), 1 otherwise
+    norms_per_layer: int
+    lora_input_features: int  # summed over one layer's LoRA-wrapped linear layers
+    lora_ranks: int  # summed r over one layer's LoRA-wrapped linear layers
+
+
+@dataclass
+class TrainingSetup:
+    """How the model is trained, as far as memory is concerned."""
+
+    micro_batch: int
+    seq_len: int  # tokens per sequence in the largest micro-batch
+    dtype: str = "bfloat16"  # weights and compute
+    gradient_checkpointing: bool = True
+    quantization: str | None = None  # None | "4bit" | "8bit"
+    double_quant: bool = True
+    lora_dropout: float = 0.0
+    attention: str = "sdpa"  # eager keeps each layer's attention matrix
+    processes: int = 1
+    sharding: str = "none"  # across the processes: none (DDP) | states (ZeRO-2) | all (FSDP, ZeRO-3)
+    device: str = "cuda"  # cuda | cpu
+
+
+@dataclass
+class MemoryEstimate:
+    weights: int
+    trainable_state: int
+    activations: int  # kept for the backward pass
+    workspace: int  # the backward pass's working set: the LM head's, or one layer's
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.trainable_state + self.activations + self.workspace + self.overhead
+
+    def parts(self) -> list[tuple[str, int]]:
+        return [("weights", self.weights), ("LoRA weights, gradients, AdamW", self.trainable_state),
+                ("activations", self.activations), ("backward workspace", self.workspace),
+                ("CUDA context, allocator", self.overhead)]
+
+
+# ---------------------------------------------------------------- the model's shape
+
+
+def model_shape(config: Any, lora: dict) -> ModelShape:
+    """Count a model's parameters from its config, with `lora` (peft.LoraConfig keyword arguments) applied."""
+    import warnings
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    total = sum(p.numel() for p in model.parameters())
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    layers = _decoder_layers(model)
+    layer = layers[0]
+    layer_params = sum(p.numel() for p in layer.parameters())
+    layer_linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+
+    settings = {"task_type": "CAUSAL_LM", **lora}
+    with warnings.catch_warnings():
+        # peft 0.21 itself reads transformers' renamed `is_gradient_checkpointing`; nothing in this call can avoid it.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, LoraConfig(**settings), low_cpu_mem_usage=True)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    wrapped = [m for m in layer.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+
+    text = config.get_text_config()
+    hidden = text.hidden_size
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
+    ups = sum(1 for m in layer_linears if m.out_features == intermediate) or 1
+    return ModelShape(
+        total_params=total,
+        quantizable_params=sum(m.weight.numel() for m in linears),
+        quantizable_rows=sum(m.out_features for m in linears),
+        largest_linear=max((m.weight.numel() for m in linears), default=0),
+        trainable_params=trainable,
+        layers=len(layers),
+        layer_params=layer_params,
+        layer_quantizable_params=sum(m.weight.numel() for m in layer_linears),
+        hidden=hidden,
+        intermediate=intermediate,
+        heads=heads,
+        attention_width=heads * head_dim,
+        kv_width=kv_heads * head_dim,
+        vocab=text.vocab_size,
+        up_projections=ups,
+        norms_per_layer=sum(1 for m in layer.modules() if "norm" in type(m).__name__.lower()),
+        lora_input_features=sum(m.base_layer.in_features for m in wrapped if hasattr(m.base_layer, "in_features")),
+        lora_ranks=sum(sum(m.r.values()) for m in wrapped),
+    )
+
+
+def _decoder_layers(model: Any) -> Any:
+    """The model's stack of decoder layers: its longest list of modules."""
+    import torch
+
+    stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    if not stacks:
+        raise ValueError(f"{type(model).__name__} has no list of decoder layers to size")
+    return max(stacks, key=len)
+
+
+# ---------------------------------------------------------------- the estimate
+
+
+def layer_bytes_per_token(shape: ModelShape, setup: TrainingSetup) -> int:
+    """Bytes one decoder layer keeps for the backward pass, per token.
+
+    Counted from what autograd saves in a Llama-style layer under LoRA (checked tensor by tensor against the
+    autograd graph of a training step): each RMSNorm keeps its float32 input; attention keeps q, k, v and its
+    output (SDPA and flash attention keep no attention matrix, eager keeps it); a gated MLP keeps gate, up and
+    the activation; each LoRA-wrapped linear keeps its own copy of its input (made by the dropout, or by the
+    cast to the compute dtype), the dropout mask, and the rank-r intermediate. Frozen linear layers keep
+    nothing: their weights are all their input gradient needs.
+    """
+    e = DTYPE_BYTES[setup.dtype]
+    norms = shape.norms_per_layer * 4 * shape.hidden
+    attention = (2 * shape.attention_width + 2 * shape.kv_width) * e
+    if setup.attention == "eager":
+        attention += shape.heads * setup.seq_len * (4 + 2 * e)  # float32 softmax and its cast back, per query
+    mlp = (2 * shape.up_projections - 1) * shape.intermediate * e  # gated: gate, up, act(gate); plain: up
+    dropout = setup.lora_dropout > 0
+    # CUDA's fused dropout keeps a one-byte mask; elsewhere PyTorch keeps the scaled noise in the input's dtype.
+    mask = (1 if setup.device == "cuda" else e) if dropout else 0
+    if dropout or e != 4:
+        lora = shape.lora_input_features * (e + mask)
+    else:  # float32 without dropout: LoRA keeps the frozen layers' own inputs: the norms' outputs and the MLP product
+        lora = (2 * shape.hidden + shape.intermediate) * e
+    return norms + attention + mlp + lora + shape.lora_ranks * e
+
+
+def estimate_memory(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
+    """Peak memory of one training process, in bytes."""
+    e = DTYPE_BYTES[setup.dtype]
+    tokens = setup.micro_batch * setup.seq_len
+    weight_shards = setup.processes if setup.sharding == "all" else 1
+    state_shards = setup.processes if setup.sharding in ("states", "all") else 1
+
+    other_params = shape.total_params - shape.quantizable_params
+    if setup.quantization == "4bit":
+        per_weight = FOUR_BIT_DOUBLE_QUANT_BYTES if setup.double_quant else FOUR_BIT_BYTES
+        weights = shape.quantizable_params * per_weight + other_params * 4
+        layer_weights = shape.layer_quantizable_params * per_weight
+    elif setup.quantization == "8bit":
+        weights = shape.quantizable_params + shape.quantizable_rows * 4 + other_params * 4
+        layer_weights = shape.layer_quantizable_params
+    else:
+        weights = shape.total_params * e
+        layer_weights = shape.layer_params * e
+    weights = weights / weight_shards
+    if weight_shards > 1:
+        weights += 2 * layer_weights  # the gathered layer in use and the next one being prefetched
+
+    # Autograd keeps every layer's activations until the backward pass reaches it; with gradient checkpointing,
+    # only each layer's input, and one layer is recomputed at a time during the backward pass.
+    layer = layer_bytes_per_token(shape, setup)
+    kept = shape.layers * (shape.hidden * e if setup.gradient_checkpointing else layer)
+    recomputed = layer if setup.gradient_checkpointing else 0
+    activations = tokens * kept
+
+    # On top of those, the backward pass starts at the LM head and then walks the layers; the larger of the two
+    # working sets sets the peak. The head: the final norm's float32 input, the head's input and its float32
+    # gradient, and one tile of logits.
+    head = tokens * shape.hidden * (4 + e + 4)
+    tile_tokens = min(tokens, HEAD_TILE_TOKENS)
+    if setup.device == "cuda":
+        head += tile_tokens * HEAD_TILE_VOCAB * e  # one buffer reused for every tile by the fused kernel
+    else:
+        # Without Triton, trl's backward folds each tile with torch ops, holding about eight float32 tiles at once
+        # (the scaled logits, log-probabilities, probabilities, the gradient and its terms). Only the columns a
+        # vocabulary fills are ever written, so only those become resident.
+        head += tile_tokens * min(shape.vocab, HEAD_TILE_VOCAB) * (e + 8 * 4)
+    # A layer: the recomputed activations, and the gradients in flight through its MLP and residual stream.
+    layer_backward = tokens * (recomputed + (2 * shape.intermediate + 2 * shape.hidden) * e)
+    workspace = max(head, layer_backward)
+    if setup.quantization:
+        workspace += 2 * shape.largest_linear * e  # a weight dequantized for the forward, another for the backward
+
+    trainable = shape.trainable_params * TRAINABLE_BYTES / state_shards
+    tensors = weights + trainable + activations + workspace
+    overhead = CUDA_CONTEXT_BYTES + ALLOCATOR_SLACK * tensors if setup.device == "cuda" else 0
+    return MemoryEstimate(weights=int(weights), trainable_state=int(trainable), activations=int(activations),
+                          workspace=int(workspace), overhead=int(overhead))
+
+
+# ---------------------------------------------------------------- a recipe's setup
+
+
+@dataclass
+class Launch:
+    """How many processes the run uses, and what they shard (from the recipe's launch section)."""
+
+    processes: int = 1
+    sharding: str = "none"  # none | states | all
+    activation_checkpointing: bool = False  # done by FSDP itself
+
+
+def read_launch(recipe) -> Launch:
+    from lorakit.launch import read_accelerate_config
+
+    settings = recipe.launch or {}
+    config = read_accelerate_config(Path(settings["accelerate_config"])) if settings.get("accelerate_config") else {}
+    processes = settings.get("num_processes") or config.get("num_processes") or 1
+    kind = str(config.get("distributed_type", "")).upper()
+    if kind == "FSDP":
+        fsdp = config.get("fsdp_config") or {}
+        return Launch(processes, "all", bool(fsdp.get("fsdp_activation_checkpointing")))
+    if kind == "DEEPSPEED":
+        stage = int((config.get("deepspeed_config") or {}).get("zero_stage", 0) or 0)
+        return Launch(processes, "all" if stage == 3 else "states" if stage else "none")
+    return Launch(processes)
+
+
+def training_setup(recipe, device: str, launch: Launch, longest: int | None = None) -> tuple[TrainingSetup, bool]:
+    """(setup, packing): the memory-relevant settings sft will use, with trl's defaults where the recipe is silent."""
+    from lorakit.recipe import upstream_fields
+
+    training, model, quant = recipe.training, recipe.model, recipe.quantization or {}
+    defaults = {name: default for name, (_, default) in upstream_fields("training").items()}
+
+    def setting(name: str) -> Any:
+        return training[name] if training.get(name) is not None else defaults.get(name)
+
+    on_cpu = device == "cpu"
+    attention = model.get("attn_implementation", "auto")
+    packing = training["packing"] if training.get("packing") is not None else attention in PACKING_ATTENTION
+    checkpointing = training.get("activation_checkpointing", training.get("gradient_checkpointing"))
+    if checkpointing is None:
+        checkpointing = not on_cpu  # sft's default: on for GPUs, off on the CPU
+    dtype = model.get("dtype", "auto")
+    if dtype == "auto":
+        dtype = "float32" if on_cpu else "bfloat16"
+    max_length = recipe.data["max_length"]
+    return TrainingSetup(
+        micro_batch=setting("per_device_train_batch_size"),
+        seq_len=max_length if packing or not longest else min(max_length, longest),
+        dtype=dtype,
+        gradient_checkpointing=bool(checkpointing) or launch.activation_checkpointing,
+        quantization="4bit" if quant.get("load_in_4bit") else "8bit" if quant.get("load_in_8bit") else None,
+        double_quant=bool(quant.get("bnb_4bit_use_double_quant")),
+        lora_dropout=recipe.lora.get("lora_dropout") or 0.0,
+        attention="eager" if attention == "eager" else "sdpa",
+        processes=launch.processes,
+        sharding=launch.sharding,
+        device="cpu" if on_cpu else "cuda",
+    ), packing
+
+
+def estimate_recipe_memory(recipe, config, device: str = "cuda", longest: int | None = None):
+    """(estimate, setup) for a lorakit Recipe on a model config: what `lorakit validate` prints, and what the shipped
+    recipes' headers state."""
+    launch = read_launch(recipe)
+    setup, _ = training_setup(recipe, device, launch, longest)
+    return estimate_memory(model_shape(config, recipe.lora), setup), setup
+
+
+def estimate_steps(*, rows: int, tokens: int, micro_batch: int, gradient_accumulation: int, processes: int,
+                   epochs: float, max_steps: int, packing: bool, max_length: int) -> int:
+    """Optimizer steps, counted the way transformers' Trainer counts them."""
+    if max_steps and max_steps > 0:
+        return max_steps
+    sequences = math.ceil(tokens / max_length) if packing else rows  # packing fills sequences of max_length
+    batches = math.ceil(sequences / (micro_batch * processes))
+    per_epoch = max(1, batches // gradient_accumulation)
+    return int(math.ceil(per_epoch * epochs))
+
+
+# ---------------------------------------------------------------- sizes as people write them
+
+
+def parse_size(text: str) -> int:
+    """'24GiB' -> bytes. GiB/MiB are powers of 1024, GB/MB of 1000 (as GPU vendors count)."""
+    match = SIZE_PATTERN.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a size; write it like 24GiB, 80GB or 16000MiB")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    scale = {"gib": GIB, "g": GIB, "gb": 1000**3, "mib": 1024**2, "m": 1024**2, "mb": 1000**2}[unit]
+    return int(number * scale)
+
+
+def format_size(size: float) -> str:
+    if size >= GIB:
+        return f"{size / GIB:.1f} GiB"
+    if size >= 1024**2:
+        return f"{size / 1024**2:.0f} MiB"
+    return f"{size / 1024:.0f} KiB"
