@@ -1,0 +1,294 @@
+"""Checking a recipe's sections: types, impossible values, missing files, conflicting options.
+
+Every problem is collected (not raised one at a time), each with its YAML path and line, and raised together
+as one RecipeError at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from lorakit.recipe import (
+    LORA_DEFAULTS,
+    QUANTIZATION_4BIT_DEFAULTS,
+    SHIPPED_CHAT_TEMPLATES,
+    LOCAL_DATA_EXTENSIONS,
+    TOP_LEVEL,
+    TRAINING_DEFAULTS,
+    TRAINING_KEYS_OWNED_ELSEWHERE,
+    DataSection,
+    DataSource,
+    EarlyStoppingSection,
+    LaunchSection,
+    ModelSection,
+    Problem,
+    Recipe,
+    RecipeError,
+    _LineMap,
+    looks_like_path,
+    own_fields,
+    upstream_fields,
+)
+from lorakit.schema import Invalid, closest, coerce
+
+
+class Validator:
+    def __init__(self, file: Path, lines: _LineMap, overridden: set[tuple], check_paths: bool):
+        self.file = file
+        self.lines = lines
+        self.overridden = overridden
+        self.check_paths = check_paths
+        self.problems: list[Problem] = []
+
+    def problem(self, path: tuple, message: str) -> None:
+        dotted = ".".join(str(p) for p in path)
+        from_cli = any(path[: len(o)] == o for o in self.overridden)
+        self.problems.append(Problem(dotted, message, self.lines.get(path), "command line" if from_cli else None))
+
+    # -- generic checking of one mapping against {key: (annotation, default)}
+    def check_mapping(self, path: tuple, values: Any, fields: dict[str, tuple[Any, Any]],
+                      extra_hint: dict[str, str] | None = None) -> dict[str, Any]:
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            self.problem(path, f"must be a mapping of keys, not {type(values).__name__}")
+            return {}
+        out = {}
+        for key, value in values.items():
+            if extra_hint and key in extra_hint:
+                self.problem(path + (key,), f"set by lorakit from {extra_hint[key]}; set that instead")
+                continue
+            if key not in fields:
+                suggestion = closest(str(key), fields)
+                hint = f"; did you mean {'.'.join(map(str, path))}.{suggestion}?" if suggestion else ""
+                self.problem(path + (key,), f"unknown key{hint}")
+                continue
+            annotation, _ = fields[key]
+            try:
+                out[key] = coerce(value, annotation)
+            except Invalid as error:
+                self.problem(path + (key,), str(error))
+        return out
+
+    def fill_defaults(self, path: tuple, values: dict, fields: dict[str, tuple[Any, Any]]) -> dict:
+        out = {}
+        for key, (_, default) in fields.items():
+            if key in values:
+                out[key] = values[key]
+            elif default is dataclasses.MISSING:
+                self.problem(path + (key,), "required")
+            else:
+                out[key] = copy.deepcopy(default)
+        return out
+
+    # -- sections
+    def validate(self, data: dict) -> Recipe:
+        for key in data:
+            if key not in TOP_LEVEL:
+                suggestion = closest(str(key), TOP_LEVEL)
+                hint = f"; did you mean {suggestion}?" if suggestion else f"; sections are {', '.join(TOP_LEVEL)}"
+                self.problem((key,), f"unknown section{hint}")
+        model = self.validate_model(data.get("model"))
+        lora = self.validate_lora(data.get("lora"))
+        quantization = self.validate_quantization(data.get("quantization")) if data.get("quantization") else None
+        dataset = self.validate_data(data.get("data"))
+        training = self.validate_training(data.get("training"))
+        early = None
+        if data.get("early_stopping") is not None:
+            fields = own_fields(EarlyStoppingSection)
+            early = self.fill_defaults(("early_stopping",), self.check_mapping(
+                ("early_stopping",), data["early_stopping"], fields), fields)
+            if early.get("patience", 1) < 1:
+                self.problem(("early_stopping", "patience"), "must be at least 1")
+            if dataset and not (dataset.get("eval") or dataset.get("eval_fraction")):
+                self.problem(("early_stopping",), "needs evaluation data: set data.eval or data.eval_fraction")
+        launch = self.validate_launch(data.get("launch"), quantization)
+        self.check_conflicts(training, quantization, model)
+        if self.problems:
+            raise RecipeError(self.file, self.problems)
+        return Recipe(model=model, data=dataset, lora=lora, training=training, quantization=quantization,
+                      early_stopping=early, launch=launch, file=self.file.resolve())
+
+    def validate_launch(self, values: Any, quantization: dict | None) -> dict:
+        fields = own_fields(LaunchSection)
+        launch = self.fill_defaults(("launch",), self.check_mapping(("launch",), values, fields), fields)
+        if isinstance(launch.get("num_processes"), int) and launch["num_processes"] < 1:
+            self.problem(("launch", "num_processes"), "must be at least 1")
+        config = launch.get("accelerate_config")
+        if isinstance(config, str):
+            path = self.local_path(config)
+            if path is None or not path.is_file():
+                self.problem(("launch", "accelerate_config"), f"file not found: {config} "
+                             "(shipped configs are in recipes/accelerate/)")
+                return launch
+            launch["accelerate_config"] = str(path)
+            from lorakit.launch import incompatibility
+
+            message = incompatibility(path, quantization)
+            if message:
+                self.problem(("launch", "accelerate_config"), message)
+        return launch
+
+    def validate_model(self, values: Any) -> dict:
+        if values is None:
+            self.problem(("model",), "required: at least model.name_or_path")
+            return {}
+        if isinstance(values, str):  # `model: owner/name` shorthand
+            values = {"name_or_path": values}
+        fields = own_fields(ModelSection)
+        model = self.fill_defaults(("model",), self.check_mapping(("model",), values, fields), fields)
+        name = model.get("name_or_path")
+        if isinstance(name, str) and self.check_paths:
+            local = self.local_path(name)
+            if local is not None:
+                model["name_or_path"] = str(local)
+                if not (local / "config.json").exists():
+                    self.problem(("model", "name_or_path"), f"{local} is a folder but holds no config.json, "
+                                 "so it is not a Hugging Face model folder")
+            elif looks_like_path(name):
+                self.problem(("model", "name_or_path"), f"no such folder: {name} (nor a Hub id of the form owner/name)")
+        template = model.get("chat_template")
+        if isinstance(template, str) and "{" not in template and template not in SHIPPED_CHAT_TEMPLATES:
+            path = self.local_path(template)
+            if path is not None and path.is_file():
+                model["chat_template"] = str(path)
+            else:
+                self.problem(("model", "chat_template"), f"no such template file or shipped template: {template!r}; "
+                             f"use {', '.join(SHIPPED_CHAT_TEMPLATES)}, a path to a .jinja file or a Jinja string")
+        if model.get("trust_remote_code") and not model.get("revision"):
+            # Not an error: documented in the run summary. Remote code can change under a moving branch.
+            pass
+        return model
+
+    def validate_lora(self, values: Any) -> dict:
+        fields = upstream_fields("lora")
+        lora = {**LORA_DEFAULTS, **self.check_mapping(("lora",), values, fields)}
+        if isinstance(lora.get("r"), int) and lora["r"] <= 0:
+            self.problem(("lora", "r"), "must be a positive integer (typical: 8-64)")
+        if isinstance(lora.get("lora_alpha"), (int, float)) and lora["lora_alpha"] <= 0:
+            self.problem(("lora", "lora_alpha"), "must be positive (typical: 2 x r)")
+        dropout = lora.get("lora_dropout")
+        if isinstance(dropout, float) and not 0 <= dropout < 1:
+            self.problem(("lora", "lora_dropout"), "must be in [0, 1)")
+        return lora
+
+    def validate_quantization(self, values: Any) -> dict:
+        fields = upstream_fields("quantization")
+        quant = self.check_mapping(("quantization",), values, fields)
+        four, eight = quant.get("load_in_4bit"), quant.get("load_in_8bit")
+        if four and eight:
+            self.problem(("quantization", "load_in_8bit"), "conflicts with quantization.load_in_4bit: choose one "
+                         "(4-bit NF4 for QLoRA, or 8-bit)")
+        elif not four and not eight and isinstance(values, dict):
+            self.problem(("quantization",), "set load_in_4bit: true (QLoRA) or load_in_8bit: true, "
+                         "or remove the section for plain LoRA")
+        if four and not eight:
+            quant = {**QUANTIZATION_4BIT_DEFAULTS, **quant}
+            if quant.get("bnb_4bit_quant_type") not in ("nf4", "fp4"):
+                self.problem(("quantization", "bnb_4bit_quant_type"), "must be nf4 or fp4")
+        if eight and not four:
+            stray = sorted(k for k in quant if k.startswith("bnb_4bit_"))
+            for key in stray:
+                self.problem(("quantization", key), "only applies with load_in_4bit")
+        return quant
+
+    def validate_data(self, values: Any) -> dict:
+        if values is None:
+            self.problem(("data",), "required: at least data.train")
+            return {}
+        if not isinstance(values, dict):
+            self.problem(("data",), "must be a mapping with train (and optionally eval, max_length, ...)")
+            return {}
+        fields = own_fields(DataSection)
+        plain = {k: v for k, v in values.items() if k not in ("train", "eval")}
+        data = self.check_mapping(("data",), plain, {k: v for k, v in fields.items() if k not in ("train", "eval")})
+        if "train" not in values:
+            self.problem(("data", "train"), "required: a list of sources, each with a path")
+        data["train"] = self.validate_sources(("data", "train"), values.get("train"))
+        data["eval"] = self.validate_sources(("data", "eval"), values.get("eval")) if values.get("eval") else None
+        data = self.fill_defaults(("data",), data, fields)
+        if data.get("eval") and data.get("eval_fraction"):
+            self.problem(("data", "eval_fraction"), "conflicts with data.eval: give eval sources or a fraction, not both")
+        fraction = data.get("eval_fraction")
+        if isinstance(fraction, float) and not 0 < fraction < 1:
+            self.problem(("data", "eval_fraction"), "must be between 0 and 1 (e.g. 0.05)")
+        if isinstance(data.get("max_length"), int) and data["max_length"] < 8:
+            self.problem(("data", "max_length"), "must be at least 8 tokens")
+        return data
+
+    def validate_sources(self, path: tuple, values: Any) -> list[dict]:
+        if values is None:
+            return []
+        if isinstance(values, (str, dict)):
+            values = [values]
+        if not isinstance(values, list) or not values:
+            self.problem(path, "must be a list of sources, each with a path")
+            return []
+        fields = own_fields(DataSource)
+        sources = []
+        for index, source in enumerate(values):
+            where = path + (index,)
+            if isinstance(source, str):
+                source = {"path": source}
+            source = self.fill_defaults(where, self.check_mapping(where, source, fields), fields)
+            name = source.get("path")
+            if isinstance(name, str) and self.check_paths:
+                local = self.local_path(name)
+                if local is not None:
+                    source["path"] = str(local)
+                    if local.is_file() and local.suffix.lower() not in LOCAL_DATA_EXTENSIONS:
+                        self.problem(where + ("path",), f"{local.name}: unsupported file type; use one of "
+                                     + ", ".join(LOCAL_DATA_EXTENSIONS))
+                elif looks_like_path(name):
+                    self.problem(where + ("path",), f"file not found: {name}")
+            if source.get("fraction") is not None and source.get("weight") is not None:
+                self.problem(where + ("weight",), "conflicts with fraction: use one")
+            fraction = source.get("fraction")
+            if isinstance(fraction, float) and not 0 < fraction <= 1:
+                self.problem(where + ("fraction",), "must be in (0, 1]")
+            weight = source.get("weight")
+            if isinstance(weight, float) and weight <= 0:
+                self.problem(where + ("weight",), "must be positive")
+            sources.append(source)
+        return sources
+
+    def validate_training(self, values: Any) -> dict:
+        fields = upstream_fields("training")
+        given = self.check_mapping(("training",), values, fields, extra_hint=TRAINING_KEYS_OWNED_ELSEWHERE)
+        training = {**TRAINING_DEFAULTS, **given}
+        if not training.get("output_dir"):
+            training["output_dir"] = str(Path("runs") / self.file.stem)
+        training["output_dir"] = str(Path(training["output_dir"]).expanduser().absolute())
+        positive = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps")
+        for key in positive:
+            value = training.get(key)
+            if isinstance(value, (int, float)) and value <= 0:
+                self.problem(("training", key), "must be positive")
+        if training.get("bf16") and training.get("fp16"):
+            self.problem(("training", "fp16"), "conflicts with training.bf16: choose one")
+        max_steps = training.get("max_steps", -1)
+        epochs = training.get("num_train_epochs")
+        if isinstance(epochs, (int, float)) and epochs <= 0 and not (isinstance(max_steps, int) and max_steps > 0):
+            self.problem(("training", "num_train_epochs"), "must be positive (or set training.max_steps)")
+        warmup = training.get("warmup_steps")
+        if isinstance(warmup, (int, float)) and warmup < 0:
+            self.problem(("training", "warmup_steps"), "must be >= 0 (a float below 1 is a ratio of total steps)")
+        return training
+
+    def check_conflicts(self, training: dict, quantization: dict | None, model: dict) -> None:
+        if quantization and training.get("fp16") and model.get("dtype") == "bfloat16":
+            self.problem(("training", "fp16"), "conflicts with model.dtype: bfloat16")
+        if training.get("use_cpu") and model.get("device") not in ("auto", "cpu"):
+            self.problem(("training", "use_cpu"), f"conflicts with model.device: {model.get('device')}")
+
+    # -- paths
+    def local_path(self, name: str) -> Path | None:
+        """A local file or folder for `name`, looked up from the working directory, then beside the recipe."""
+        expanded = Path(name).expanduser()
+        for candidate in (expanded, self.file.parent / expanded):
+            if candidate.exists():
+                return candidate.resolve()
+        return None
