@@ -44,7 +44,6 @@ TRAINABLE_BYTES = 16
 CUDA_CONTEXT_BYTES = int(0.75 * GIB)
 ALLOCATOR_SLACK = 0.10
 # Attention implementations with which sft packs sequences by default (lorakit.commands.sft.build_sft_config).
-PACKING_ATTENTION = ("auto", "flash_attention_2", "flash_attention_3", "sdpa", "eager", "kernels-community/flash-attn")
 SIZE_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(gib|gb|mib|mb|g|m)\s*$", re.IGNORECASE)
 
 
@@ -298,7 +297,10 @@ def training_setup(recipe, device: str, launch: Launch, longest: int | None = No
 
     on_cpu = device == "cpu"
     attention = model.get("attn_implementation", "auto")
-    packing = training["packing"] if training.get("packing") is not None else attention in PACKING_ATTENTION
+    from lorakit.model import PACKABLE_ATTENTION, choose_attention
+
+    packing = (training["packing"] if training.get("packing") is not None
+               else choose_attention(attention, "cpu" if on_cpu else "cuda") in PACKABLE_ATTENTION)
     checkpointing = training.get("activation_checkpointing", training.get("gradient_checkpointing"))
     if checkpointing is None:
         checkpointing = not on_cpu  # sft's default: on for GPUs, off on the CPU

@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
+# Attention with variable-length kernels: packed sequences cost what they would cost apart. With sdpa or eager,
+# trl's padding-free packing becomes one long row whose attention grows with the square of the whole batch.
+PACKABLE_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn")
 # Tokens that tokenizers ship for padding; preferred over reusing EOS so the pad token never shadows a trained EOS.
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|padding|>")
 

@@ -61,7 +61,7 @@ def render() -> str:
         "output_dir": "runs/<recipe file name>",
         "bf16 / fp16": "from the model dtype on GPU; off on CPU",
         "gradient_checkpointing": "on for GPU, off on CPU",
-        "packing": "true (padding-free, exact with sdpa/eager/flash attention)",
+        "packing": "true with flash attention (padding-free); else false with train_sampling_strategy: group_by_length",
         "use_cpu": "true when the device is CPU",
         "eos_token": "the chat template's end-of-turn token when it differs from EOS",
     })

@@ -218,7 +218,7 @@ def build_sft_config(recipe: Recipe, placement, tokenizer) -> Any:
     """trl.SFTConfig from the recipe's training section plus what lorakit decides for this machine."""
     from trl import SFTConfig
 
-    from lorakit.model import end_of_turn_token
+    from lorakit.model import PACKABLE_ATTENTION, end_of_turn_token
 
     settings = dict(recipe.training)
     settings["max_length"] = recipe.data["max_length"]
@@ -235,10 +235,11 @@ def build_sft_config(recipe: Recipe, placement, tokenizer) -> Any:
     # `gradient_checkpointing` is transformers' deprecated alias of `activation_checkpointing`; a recipe may use either.
     alias = settings.pop("gradient_checkpointing", None)
     settings.setdefault("activation_checkpointing", on_gpu if alias is None else alias)
-    # Packing (best-fit, padding-free) is exact with attention that separates packed sequences by position ids,
-    # which flash attention and transformers' sdpa/eager masks do.
-    settings.setdefault("packing", placement.attn_implementation in ("flash_attention_2", "flash_attention_3", "sdpa",
-                                                                      "eager", "kernels-community/flash-attn"))
+    # Packing (best-fit, padding-free) only where variable-length attention kernels make it cheap; elsewhere,
+    # batches of similar lengths waste little on padding without the quadratic cost of one long packed row.
+    settings.setdefault("packing", placement.attn_implementation in PACKABLE_ATTENTION)
+    if not settings["packing"]:
+        settings.setdefault("train_sampling_strategy", "group_by_length")
     end = end_of_turn_token(tokenizer)
     if end and end != tokenizer.eos_token:
         settings.setdefault("eos_token", end)  # generation must stop where the chat template ends a turn
