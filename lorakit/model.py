@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,3 +266,8 @@ def count_parameters(model) -> tuple[int, int]:
         if param.requires_grad:
             trainable += count
     return trainable, total
+
+
+def quiet_upstream_logs() -> None:
+    # bitsandbytes warns on import that an optional Hub-downloaded CPU kernel is missing; the fallback is used.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

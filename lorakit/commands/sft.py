@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import shlex
@@ -84,8 +83,9 @@ def run_sft(recipe_path: str, overrides: tuple[str, ...] = (), *, output_dir: st
     if resume_from is not None and resume_changed:
         refuse_changed_adapter_shape(resume_from, recipe.lora)
 
+    from lorakit.model import choose_placement, count_parameters, load_model, load_tokenizer, quiet_upstream_logs
+
     quiet_upstream_logs()
-    from lorakit.model import choose_placement, count_parameters, load_model, load_tokenizer
 
     placement = choose_placement(recipe.model, device)
     click.echo(f"lorakit: loading tokenizer of {recipe.model['name_or_path']}")
@@ -285,9 +285,6 @@ def build_callbacks(recipe: Recipe, stop) -> list:
     return callbacks
 
 
-def quiet_upstream_logs() -> None:
-    # bitsandbytes warns on import that an optional Hub-downloaded CPU kernel is missing; the fallback is used.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 # ---------------------------------------------------------------- outputs

@@ -1,0 +1,410 @@
+"""`lorakit eval`: loss and perplexity on the trained tokens, exact match and token F1 on greedy replies.
+
+The eval data goes through the same tokenization as training (lorakit.data), so the loss is over exactly the
+tokens a run was trained on. Each row's last trained span (the last assistant turn, the completion, the alpaca
+output) is also its reference reply: the model answers the tokens before it, greedily, and the answer is scored
+against it. Rows without such a span (plain text) count for the loss only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lorakit.errors import LorakitError, OutputDirError
+
+REPORT_FILE = "lorakit_eval.json"
+REPORT_MARK = "lorakit eval"
+SAMPLES_SHOWN = 3
+
+
+@click.command()
+@click.argument("target")
+@click.option("--data", "data_path", metavar="PATH_OR_ID",
+              help="Eval data: a local file or folder, or a Hub dataset id (default: the recipe's data.eval, else "
+                   "the share of training data it held out with data.eval_fraction).")
+@click.option("--split", help="Split of a Hub dataset given with --data (default: test).")
+@click.option("--compare-base", is_flag=True, help="Also score the base model, side by side, to show what the "
+                                                   "fine-tune changed.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Longest reply generated per prompt.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Prompts generated (and rows scored) together.")
+@click.option("--output", type=click.Path(dir_okay=False),
+              help=f"JSON report to write (default: {REPORT_FILE} in the run or model folder).")
+@click.option("--device", type=click.Choice(["auto", "cuda", "mps", "xpu", "cpu"]), default=None,
+              help="Force a device (default: the recipe's model.device, auto).")
+@click.option("--harness", metavar="TASKS",
+              help="Also run these comma-separated lm-evaluation-harness tasks on the model "
+                   "(needs `pip install lm-eval` and, for most tasks, the Hub).")
+def command(target: str, data_path: str | None, split: str | None, compare_base: bool, max_new_tokens: int,
+            batch_size: int, output: str | None, device: str | None, harness: str | None) -> None:
+    """Score TARGET on eval data: a run folder, a merged model folder, a Hub model id, or a recipe.
+
+    Reports loss and perplexity on the completion tokens (as trained), and exact match and token F1 of greedy
+    replies against the references, then writes a JSON report and prints a table with a few samples.
+    """
+    run_eval(target, data=data_path, split=split, compare_base=compare_base, max_new_tokens=max_new_tokens,
+             batch_size=batch_size, output=output, device=device, harness=harness)
+
+
+@dataclass
+class EvalData:
+    """Rows to score: (input_ids, labels) for the loss; prompts and reference replies for generation."""
+
+    description: str
+    loss_rows: list[tuple[list[int], list[int]]]
+    prompts: list[list[int]]
+    references: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+def run_eval(target_name: str, *, data: str | None = None, split: str | None = None, compare_base: bool = False,
+             max_new_tokens: int = 128, batch_size: int = 32, output: str | None = None, device: str | None = None,
+             harness: str | None = None) -> dict:
+    from lorakit.model import quiet_upstream_logs
+    from lorakit.inference import load_base_model, load_target_model, load_target_tokenizer, resolve_target
+    from lorakit.model import choose_placement
+
+    quiet_upstream_logs()
+    target = resolve_target(target_name)
+    if compare_base and target.base_name is None:
+        raise LorakitError(f"--compare-base: the base of {target_name} is unknown (it is not a lorakit run, recipe "
+                           "or merged folder); score the base on its own with `lorakit eval BASE --data ...`")
+    report_path = choose_report_path(target, output)
+    if harness:
+        require_harness()
+
+    tokenizer = load_target_tokenizer(target)
+    eval_data = load_eval_data(target, data, split, tokenizer)
+    placement = choose_placement(target.model_section, device)
+    bits = "4-bit" if (target.quantization or {}).get("load_in_4bit") else "8-bit"
+    click.echo(f"lorakit eval: {target_name} on {eval_data.description}")
+    click.echo(f"  {len(eval_data.loss_rows)} rows for the loss, {len(eval_data.prompts)} with a reference reply; "
+               f"{placement.device_name}, {placement.dtype}"
+               + (f", {bits} base as in training" if target.quantization else ""))
+
+    model = load_target_model(target, placement)
+    results = {"model": score(model, tokenizer, eval_data, batch_size, max_new_tokens, "model")}
+    harness_results = run_harness(model, tokenizer, harness, batch_size) if harness else None
+    if compare_base:
+        if target.kind == "adapter":
+            with model.disable_adapter():  # the same loaded base, without the adapter: no second copy
+                results["base"] = score(model, tokenizer, eval_data, batch_size, max_new_tokens, "base")
+        else:
+            del model
+            model = load_base_model(target.base_name, placement)
+            results["base"] = score(model, tokenizer, eval_data, batch_size, max_new_tokens, "base")
+
+    report = build_report(target, eval_data, results, placement, max_new_tokens, batch_size, tokenizer)
+    if harness_results is not None:
+        report["harness"] = harness_results
+    print_report(report)
+    if report_path is not None:
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = report_path.with_name(report_path.name + ".partial")
+        partial.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(partial, report_path)  # a report is whole or absent, never half written
+        click.echo(f"lorakit: report written to {report_path}")
+    else:
+        click.echo("lorakit: pass --output report.json to keep the report")
+    return report
+
+
+# ---------------------------------------------------------------- where the report goes
+
+
+def choose_report_path(target, output: str | None) -> Path | None:
+    """--output, else lorakit_eval.json in the target's folder (none for a Hub id); never a file lorakit did not
+    write."""
+    if output:
+        path = Path(output)
+    elif target.folder is not None:
+        path = target.folder / REPORT_FILE
+    else:
+        return None
+    if path.is_dir():
+        raise OutputDirError(f"--output {path} is a folder; give a file name such as {path / REPORT_FILE}")
+    if path.exists() and not is_eval_report(path):
+        raise OutputDirError(f"{path} already exists and is not a lorakit eval report; nothing was changed. "
+                             "Choose another --output")
+    return path
+
+
+def is_eval_report(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("report") == REPORT_MARK
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_eval_data(target, data: str | None, split: str | None, tokenizer) -> EvalData:
+    """The rows to score, tokenized exactly as training tokenizes (lorakit.data), from --data or the recipe."""
+    from lorakit.data import Tokenization, prepare_data, prepare_split
+    from lorakit.recipe import DataSection, own_fields
+
+    recipe = target.recipe
+    data_section = recipe.data if recipe is not None else \
+        {key: default for key, (_, default) in own_fields(DataSection).items() if key not in ("train", "eval")}
+    seed = recipe.training.get("seed", 42) if recipe is not None else 42
+    train_on = data_section["train_on"]
+    notes = []
+
+    def prepare(how: str):
+        """(dataset, report) of input_ids/labels; `how` is the data.train_on to label with."""
+        tokenization = Tokenization.for_tokenizer(tokenizer, how)
+        if data:
+            source = {"path": data, "split": split or "test", "name": None, "revision": None, "format": None,
+                      "columns": {}, "fraction": None, "weight": None}
+            return prepare_split([source], tokenization, data_section, seed)
+        if recipe is not None and data_section.get("eval"):
+            return prepare_split(data_section["eval"], tokenization, data_section, seed)
+        prepared = prepare_data({**data_section, "train_on": how}, tokenizer, seed=seed)
+        return prepared.eval, prepared.reports["eval"]
+
+    if data:
+        description = data if not split else f"{data} ({split})"
+    elif recipe is not None and data_section.get("eval"):
+        description = ", ".join(source["path"] for source in data_section["eval"])
+    elif recipe is not None and data_section.get("eval_fraction"):
+        description = f"the {data_section['eval_fraction']:.0%} of the training data held out in training (seed {seed})"
+        notes += check_training_data_unchanged(target, data_section)
+    else:
+        where = "its recipe has neither data.eval nor data.eval_fraction" if recipe is not None else \
+            "it has no recipe to take eval data from"
+        raise LorakitError(f"{target.name}: no eval data: {where}; pass --data PATH_OR_ID")
+
+    dataset, report = prepare(train_on)
+    if dataset is None or len(dataset) == 0:
+        raise LorakitError(f"no rows left to evaluate in {description} after tokenization and filtering")
+    loss_rows = list(zip(dataset["input_ids"], dataset["labels"]))
+    if report.truncated:
+        notes.append(f"{report.truncated} rows were cut at data.max_length={data_section['max_length']} tokens; "
+                     "their references are cut too")
+    # Generation needs each reply's span; with train_on: all every token is labelled, so label the rows as
+    # completions to find it.
+    span_rows = dataset if train_on == "completions" else prepare("completions")[0]
+    prompts, references = [], []
+    for ids, labels in zip(span_rows["input_ids"], span_rows["labels"]):
+        span = last_trained_span(labels)
+        if span is None or span[0] == 0:
+            continue  # plain text: nothing before the trained tokens to answer
+        start, end = span
+        prompts.append(ids[:start])
+        references.append(tokenizer.decode(ids[start:end], skip_special_tokens=True).strip())
+    if not prompts:
+        notes.append("no row has a prompt and a reference reply (plain text data): loss only")
+    return EvalData(description=description, loss_rows=loss_rows, prompts=prompts, references=references,
+                    notes=notes)
+
+
+def last_trained_span(labels: list[int]) -> tuple[int, int] | None:
+    """[start, end) of the last run of trained (not IGNORE) labels: the last reply and its end-of-turn token."""
+    from lorakit.data import IGNORE
+
+    end = len(labels)
+    while end > 0 and labels[end - 1] == IGNORE:
+        end -= 1
+    if end == 0:
+        return None
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE:
+        start -= 1
+    return start, end
+
+
+def check_training_data_unchanged(target, data_section: dict) -> list[str]:
+    """The held-out split is only the one training held out if the training files are those it read."""
+    from lorakit.data import load_source, source_fingerprint
+    from lorakit.run_dir import read_record
+
+    record = read_record(target.adapter_path) if target.adapter_path is not None else None
+    recorded = (record or {}).get("data", {}).get("train", {}).get("sources", [])
+    if not recorded:
+        return []
+    changed = []
+    for source, seen in zip(data_section["train"], recorded):
+        current = source_fingerprint(source, load_source(source))
+        if seen.get("fingerprint") not in (None, "-", current):
+            changed.append(source["path"])
+    if changed:
+        return [f"training data changed since the run ({', '.join(changed)}): the held-out rows are not those "
+                "training held out, and may include rows it trained on"]
+    return []
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def score(model, tokenizer, data: EvalData, batch_size: int, max_new_tokens: int, label: str) -> dict:
+    """Loss and perplexity on the trained tokens, and exact match and token F1 of greedy replies."""
+    from lorakit.inference import decode_reply, generate_greedy
+    from lorakit.metrics import completion_loss, exact_match, token_f1
+
+    started = time.time()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    loss = completion_loss(model, data.loss_rows, pad_token_id=pad, batch_size=batch_size)
+    loss_seconds = time.time() - started
+    predictions = []
+    if data.prompts:
+        def progress(done: int, total: int) -> None:
+            click.echo(f"\r  {label}: generating {done}/{total}", nl=False, err=True)
+
+        outputs = generate_greedy(model, tokenizer, data.prompts, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, on_batch=progress)
+        click.echo("", err=True)
+        predictions = [decode_reply(tokenizer, ids) for ids in outputs]
+        unfinished = sum(len(ids) >= max_new_tokens for ids in outputs)
+    else:
+        unfinished = 0
+    matches = [exact_match(p, r) for p, r in zip(predictions, data.references)]
+    f1s = [token_f1(p, r) for p, r in zip(predictions, data.references)]
+    seconds = time.time() - started
+    click.echo(f"  {label}: loss over {loss.tokens:,} trained tokens in {loss_seconds:.1f} s, "
+               f"{len(predictions)} replies in {seconds - loss_seconds:.1f} s")
+    return {
+        "loss": loss.loss,
+        "perplexity": loss.perplexity,
+        "trained_tokens": loss.tokens,
+        "exact_match": mean(matches),
+        "token_f1": mean(f1s),
+        "replies": len(predictions),
+        "replies_cut_at_max_new_tokens": unfinished,
+        "seconds": round(seconds, 2),
+        "predictions": predictions,
+        "exact_matches": matches,
+        "token_f1s": f1s,
+    }
+
+
+def mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+# ---------------------------------------------------------------- lm-evaluation-harness
+
+
+def require_harness() -> None:
+    """Checked before any model is loaded, so a missing extra costs nothing."""
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise LorakitError("--harness needs lm-evaluation-harness, an optional extra: pip install lm-eval "
+                           "(its tasks download their datasets from the Hugging Face Hub)")
+
+
+def run_harness(model, tokenizer, tasks: str, batch_size: int) -> dict:
+    """Hand the loaded model (adapter included) to lm-evaluation-harness; its results go into the report as is."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    names = [task.strip() for task in tasks.split(",") if task.strip()]
+    click.echo(f"  lm-evaluation-harness: {', '.join(names)}")
+    harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    output = lm_eval.simple_evaluate(model=harness_model, tasks=names)
+    return {"tasks": names, "results": output.get("results", {}) if output else {}}
+
+
+# ---------------------------------------------------------------- report
+
+
+def build_report(target, data: EvalData, results: dict, placement, max_new_tokens: int, batch_size: int,
+                 tokenizer) -> dict:
+    from lorakit.run_dir import library_versions
+
+    examples = []
+    for index, (prompt, reference) in enumerate(zip(data.prompts, data.references)):
+        example = {"prompt": tokenizer.decode(prompt, skip_special_tokens=False), "reference": reference}
+        for name, figures in results.items():
+            key = "prediction" if name == "model" else f"{name}_prediction"
+            example[key] = figures["predictions"][index]
+            example[f"{name}_exact_match"] = figures["exact_matches"][index]
+            example[f"{name}_token_f1"] = figures["token_f1s"][index]
+        examples.append(example)
+    metrics = {name: {key: value for key, value in figures.items()
+                      if key not in ("predictions", "exact_matches", "token_f1s")}
+               for name, figures in results.items()}
+    return {
+        "report": REPORT_MARK,
+        "target": target.name,
+        "kind": "run (adapter)" if target.kind == "adapter" else "model",
+        "base_model": target.base_name,
+        "data": {"description": data.description, "loss_rows": len(data.loss_rows),
+                 "generation_rows": len(data.prompts), "notes": data.notes + target.notes},
+        "settings": {"decoding": "greedy", "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+                     "device": placement.device, "dtype": placement.dtype, "quantization": target.quantization},
+        "metrics": metrics,
+        "examples": examples,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": library_versions(),
+    }
+
+
+def print_report(report: dict) -> None:
+    metrics = report["metrics"]
+    names = list(metrics)
+    rows = [("loss", "loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
+            ("exact match", "exact_match", "{:.1%}"), ("token F1", "token_f1", "{:.1%}")]
+    header = ["", *names] + (["change"] if "base" in metrics else [])
+    table = [header]
+    for title, key, form in rows:
+        values = [metrics[name].get(key) for name in names]
+        line = [title] + [show(value, form) for value in values]
+        if "base" in metrics:
+            line.append(show_change(metrics["model"].get(key), metrics["base"].get(key), key))
+        table.append(line)
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    click.echo("")
+    for line in table:
+        click.echo("  " + "  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i])
+                                    for i, cell in enumerate(line)))
+    for note in report["data"]["notes"]:
+        click.echo(f"  note: {note}")
+    for number, example in enumerate(report["examples"][:SAMPLES_SHOWN], 1):
+        click.echo(f"\n  sample {number}")
+        click.echo(f"    prompt     {shorten_prompt(example['prompt'])}")
+        click.echo(f"    reference  {one_line(example['reference'])}")
+        click.echo(f"    model      {one_line(example['prediction'])}")
+        if "base_prediction" in example:
+            click.echo(f"    base       {one_line(example['base_prediction'])}")
+    click.echo("")
+
+
+def show(value: Any, form: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return form.format(value)
+
+
+def show_change(model: float | None, base: float | None, key: str) -> str:
+    if model is None or base is None or math.isnan(model) or math.isnan(base) or key == "perplexity":
+        return ""
+    if key in ("exact_match", "token_f1"):
+        return f"{100 * (model - base):+.1f} pts"
+    return f"{model - base:+.4f}"
+
+
+def one_line(text: str, limit: int = 100) -> str:
+    flat = printable(text)
+    return flat if len(flat) <= limit else flat[:limit - 3] + "..."
+
+
+def shorten_prompt(prompt: str, limit: int = 100) -> str:
+    """The end of the prompt, where the question is."""
+    flat = printable(prompt)
+    return flat if len(flat) <= limit else "..." + flat[-(limit - 3):]
+
+
+def printable(text: str) -> str:
+    """Newlines and control characters escaped, so a reply shows on one line and cannot drive the terminal."""
+    return "".join(c if c.isprintable() else "\\n" if c == "\n" else f"\\x{ord(c):02x}" for c in text)
