@@ -139,15 +139,17 @@ def test_out_of_memory_says_what_to_change(tiny_llama, tmp_path, monkeypatch):
 def test_out_of_memory_retry_halves_the_micro_batch_and_keeps_the_global_batch(tiny_llama, tmp_path, monkeypatch):
     from lorakit.commands.sft import run_sft
 
+    # Random order: length grouping sorts within micro-batch-sized groups, so it orders rows by micro-batch size.
     direct = tmp_path / "direct"
     run_sft(str(write_run_recipe(tmp_path, tiny_llama, direct, steps=4)),
-            (*QUIET, "training.packing=false", "training.per_device_train_batch_size=4",
-             "training.gradient_accumulation_steps=2"))
+            (*QUIET, "training.packing=false", "training.train_sampling_strategy=random",
+             "training.per_device_train_batch_size=4", "training.gradient_accumulation_steps=2"))
 
     seen = raise_out_of_memory_above(monkeypatch, rows=4)
     out = tmp_path / "retried"
     run_sft(str(write_run_recipe(tmp_path, tiny_llama, out, steps=4)),
-            (*QUIET, "training.packing=false", "training.auto_find_batch_size=true"))
+            (*QUIET, "training.packing=false", "training.train_sampling_strategy=random",
+             "training.auto_find_batch_size=true"))
     assert seen[0] == 8 and set(seen[1:]) == {4}
     record = run_dir.read_record(out)
     assert record["status"] == run_dir.COMPLETED
