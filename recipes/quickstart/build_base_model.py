@@ -44,7 +44,11 @@ import time
 import tokenize
 from pathlib import Path
 
-import torch
+# Let idle OpenMP threads sleep instead of spinning: on a busy machine, spinning threads
+# fight over the cores and can make every step several times slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -322,6 +326,9 @@ def main() -> None:
         help="bf16 autocast for the training forward pass; weights, optimizer and evaluation stay fp32",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=0, help="also save the model every N steps under OUTPUT_DIR/checkpoints"
+    )
     args = parser.parse_args()
 
     t_start = time.time()
@@ -436,6 +443,10 @@ def main() -> None:
                     ppl[part] = math.exp(nll / n)
                 msg += "  held-out ppl " + " ".join(f"{p} {v:.1f}" for p, v in ppl.items())
             print(msg, flush=True)
+        if args.checkpoint_every and step % args.checkpoint_every == 0 and step < total_steps:
+            ckpt = args.output_dir / "checkpoints" / f"step-{step}"
+            model.save_pretrained(ckpt)
+            tokenizer.save_pretrained(ckpt)
     train_seconds = time.time() - t_train
 
     # ---- evaluation -------------------------------------------------------------------------
