@@ -9,10 +9,13 @@ Each variant runs in its own process (so peak memory is its own) on the same ran
 model and the same conversational data, whose lengths follow a long-tailed (log-normal) distribution:
 
 - `plain trl (defaults)`: the ~40-line script users write: SFTTrainer with trl's defaults (bf16 autocast,
-  gradient checkpointing, fused AdamW), padding each batch to its longest row, assistant-only loss.
+  gradient checkpointing, fused AdamW), padding each batch to its longest row, assistant-only loss (and, on a
+  CPU, `use_cpu=True`, without which trl's bf16 default refuses to start).
 - `plain trl (fp32, no ckpt)`: the same script with the two settings a careful CPU user would change.
-- `lorakit`: `lorakit sft` with its defaults (packing without padding, loss on completions, device-aware dtype
-  and checkpointing).
+- `lorakit`: `lorakit sft` with its defaults (packing with flash attention, else length-grouped batches; loss
+  on completions; device-aware dtype and checkpointing; LoRA dropout 0.05).
+- `lorakit, lora_dropout 0` (with `--variants ...,lorakit-nodropout`): the same with peft's default dropout (0),
+  as the plain script uses, to separate what dropout costs.
 
 Reported: tokens/s over real (non-padding) tokens, peak memory (RSS on CPU, torch.cuda.max_memory_allocated on
 GPU), time from process start to the end of the first optimizer step, the final logged loss and, on GPU, model
@@ -116,7 +119,12 @@ def plain_trl(args, model_dir: Path, data: Path, out: Path, tuned: bool) -> dict
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
     dataset = load_dataset("json", data_files=str(data), split="train")
-    extra = {"bf16": False, "gradient_checkpointing": False} if tuned else {}
+    import torch
+
+    # On a CPU, trl's defaults refuse to start without use_cpu (bf16 is its default); that is the one change.
+    extra = {} if torch.cuda.is_available() else {"use_cpu": True}
+    if tuned:
+        extra.update(bf16=False, gradient_checkpointing=False)
     config = SFTConfig(output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch,
                        learning_rate=args.lr, max_length=args.max_length, assistant_only_loss=True,
                        logging_steps=1, save_strategy="no", report_to="none", seed=0, **extra)
@@ -127,11 +135,11 @@ def plain_trl(args, model_dir: Path, data: Path, out: Path, tuned: bool) -> dict
     return measure(trainer, clock, trainer.train_dataset)
 
 
-def lorakit_run(args, model_dir: Path, data: Path, out: Path) -> dict:
+def lorakit_run(args, model_dir: Path, data: Path, out: Path, lora: str = "") -> dict:
     from lorakit.commands import sft
 
     recipe = out.parent / "bench-recipe.yaml"
-    recipe.write_text(f"model: {{name_or_path: {model_dir}}}\n"
+    recipe.write_text(f"model: {{name_or_path: {model_dir}}}\n{lora}"
                       f"data: {{train: [{data}], max_length: {args.max_length}}}\n"
                       f"training: {{output_dir: {out}, max_steps: {args.steps}, per_device_train_batch_size: "
                       f"{args.batch}, learning_rate: {args.lr}, logging_steps: 1, save_strategy: 'no', seed: 0}}\n")
@@ -201,6 +209,8 @@ def worker(args) -> None:
     out = work / f"out-{args.worker}"
     if args.worker == "lorakit":
         result = lorakit_run(args, work / "model", work / "data.jsonl", out)
+    elif args.worker == "lorakit-nodropout":
+        result = lorakit_run(args, work / "model", work / "data.jsonl", out, "lora: {lora_dropout: 0.0}\n")
     else:
         result = plain_trl(args, work / "model", work / "data.jsonl", out, tuned=args.worker == "trl-tuned")
     print("BENCH_RESULT " + json.dumps(result))
@@ -227,13 +237,15 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    names = {"trl-defaults": "plain trl (defaults)", "trl-tuned": "plain trl (fp32, no ckpt)", "lorakit": "lorakit"}
+    names = {"trl-defaults": "plain trl (defaults)", "trl-tuned": "plain trl (fp32, no ckpt)", "lorakit": "lorakit",
+             "lorakit-nodropout": "lorakit, lora_dropout 0"}
     with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as tmp:
         work = Path(tmp)
         build_model(work / "model", args)
         build_data(work / "data.jsonl", args.rows, args.max_length)
         results = {}
-        passthrough = [a for a in sys.argv[1:] if not a.startswith("--json")]
+        passthrough = [f"--{key.replace('_', '-')}={value}" for key, value in vars(args).items()
+                       if key not in ("json", "worker", "workdir", "variants")]
         for variant in args.variants.split(","):
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
             proc = subprocess.run([sys.executable, __file__, *passthrough, "--worker", variant, "--workdir", tmp],

@@ -132,7 +132,9 @@ TOP_LEVEL = ("model", "quantization", "lora", "data", "training", "early_stoppin
 LORA_DEFAULTS = {
     "r": 16,
     "lora_alpha": 32,  # alpha = 2r, the usual LoRA scaling
-    "lora_dropout": 0.05,
+    # Dropout on the adapter inputs cost 25% of the tokens/s and 15% more peak memory in benchmarks/bench_sft.py
+    # (docs/benchmarks.md); set it for small data sets that overfit.
+    "lora_dropout": 0.0,
     "target_modules": "all-linear",  # adapting every linear layer beats attention-only (QLoRA paper)
     "task_type": "CAUSAL_LM",
 }
