@@ -16,7 +16,10 @@ This script builds one:
   ~4.2 M parameters, trained with AdamW on 256-token windows.
 
 A tenth of the training windows are "repeat" windows (a span of text followed by the same
-span again), which teaches the model to copy from its context early in training.
+span again), meant to encourage copying from the context. At the default budget this does
+not make the model a copier: on a held-out 64-token span shown twice, its next-token
+accuracy is 25% on the first copy and 27% on the second, so it reproduces words it knows
+far better than spellings it has never seen.
 
 Run from the repository root:
 
