@@ -96,6 +96,24 @@ def tiny_llama_no_template(tmp_path_factory) -> Path:
     return build_model(tmp_path_factory.mktemp("tiny-llama-plain"), "llama", chat_template=None, pad=False)
 
 
+def write_adapter_run(folder: Path, base: Path, data: Path | None = None) -> Path:
+    """A run folder written directly, with a random (non-zero) adapter: for checks that need no training."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
+                        task_type="CAUSAL_LM")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+    (folder / "lorakit_recipe.yaml").write_text(
+        f"model:\n  name_or_path: {base}\nlora:\n  r: 4\n  lora_alpha: 8\n"
+        f"data:\n  train:\n    - path: {data or folder / 'train.jsonl'}\ntraining:\n  output_dir: {folder}\n",
+        encoding="utf-8")
+    return folder
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import FACTS, facts_rows, write_jsonl
+from conftest import FACTS, facts_rows, write_adapter_run, write_jsonl
 
 from lorakit.cli import main
 
@@ -65,20 +65,9 @@ def memorised(tiny_llama, tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def adapter_run(tiny_llama, tmp_path_factory) -> Path:
     """A run folder written directly (random adapter, recipe without eval data): for checks that need no training."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder = tmp_path_factory.mktemp("adapter") / "run"
-    torch.manual_seed(0)
-    config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
-    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(folder)
     data = write_jsonl(folder.parent / "facts.jsonl", facts_rows("messages", repeat=1))
-    (folder / "lorakit_recipe.yaml").write_text(
-        f"model:\n  name_or_path: {tiny_llama}\nlora:\n  r: 4\n"
-        f"data:\n  train:\n    - path: {data}\ntraining:\n  output_dir: {folder}\n", encoding="utf-8")
-    return folder
+    return write_adapter_run(folder, tiny_llama, data)
 
 
 def evaluate(*args: str):

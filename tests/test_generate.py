@@ -7,25 +7,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from conftest import write_adapter_run
 from lorakit.cli import main
 
 
 @pytest.fixture(scope="module")
 def adapter_run(tiny_llama, tmp_path_factory) -> Path:
-    """A run folder written directly, with a random (non-zero) adapter: no training needed to tell it from its base."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("adapter") / "run"
-    torch.manual_seed(0)
-    config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
-    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(folder)
-    (folder / "lorakit_recipe.yaml").write_text(
-        f"model:\n  name_or_path: {tiny_llama}\nlora:\n  r: 4\n"
-        f"data:\n  train:\n    - path: {folder / 'train.jsonl'}\ntraining:\n  output_dir: {folder}\n", encoding="utf-8")
-    return folder
+    """A run folder with a random (non-zero) adapter: no training needed to tell it from its base."""
+    return write_adapter_run(tmp_path_factory.mktemp("adapter") / "run", tiny_llama)
 
 
 def plain_greedy_reply(base: Path, adapter: Path | None, messages: list[dict], max_new_tokens: int) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import build_tokenizer, facts_rows, fast_training, write_jsonl
+from conftest import build_tokenizer, facts_rows, fast_training, write_adapter_run, write_jsonl
 
 from lorakit.cli import main
 
@@ -39,20 +39,7 @@ def qlora_run(tiny_llama, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def adapter_run(tiny_llama, tmp_path_factory) -> Path:
-    """A run folder as `lorakit sft` leaves it, with a random (non-zero) adapter written directly: no training."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("adapter") / "run"
-    torch.manual_seed(0)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
-    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(folder)
-    (folder / "lorakit_recipe.yaml").write_text(
-        f"model:\n  name_or_path: {tiny_llama}\nlora:\n  r: 4\n  lora_alpha: 8\n"
-        f"data:\n  train:\n    - path: {folder / 'train.jsonl'}\ntraining:\n  output_dir: {folder}\n", encoding="utf-8")
-    return folder
+    return write_adapter_run(tmp_path_factory.mktemp("adapter") / "run", tiny_llama)
 
 
 def merge(*args: str):
