@@ -60,7 +60,7 @@ def build_model(folder: Path, args) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|pad|>",
                                         additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    tokenizer.chat_template = (REPO / "lorakit" / "templates" / "chatml.jinja").read_text()
+    tokenizer.chat_template = (REPO / "lorakit" / "models" / "templates" / "chatml.jinja").read_text()
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
     vocab = max(args.vocab, len(tokenizer))

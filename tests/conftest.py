@@ -19,7 +19,7 @@ def isolated_cache(tmp_path_factory):
     """lorakit's prepared-data cache goes to a temporary folder, never the user's ~/.cache."""
     os.environ["LORAKIT_CACHE"] = str(tmp_path_factory.mktemp("lorakit-cache"))
 
-CHATML = (Path(__file__).parent.parent / "lorakit" / "templates" / "chatml.jinja").read_text()
+CHATML = (Path(__file__).parent.parent / "lorakit" / "models" / "templates" / "chatml.jinja").read_text()
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
 
 # Short facts the tiny models memorise; their answers are what the tests check.

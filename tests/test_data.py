@@ -8,7 +8,7 @@ import pytest
 
 from conftest import facts_rows, write_jsonl
 from lorakit.data import IGNORE, DataError, Tokenization, detect_format, prepare_data
-from lorakit.model import load_tokenizer
+from lorakit.models.loading import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import facts_rows, write_jsonl
-from lorakit.launch import incompatibility, launch_command
+from lorakit.training.launch import incompatibility, launch_command
 from lorakit.recipe import RecipeError, load_recipe
 
 ACCELERATE_DIR = Path(__file__).parent.parent / "recipes" / "accelerate"

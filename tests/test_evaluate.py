@@ -199,7 +199,7 @@ def test_a_qlora_run_is_scored_on_the_4bit_base_it_trained_on(tiny_llama, tmp_pa
 
 def test_each_format_gives_its_last_reply_as_the_reference(tiny_llama, tmp_path):
     from lorakit.commands.evaluate import load_eval_data
-    from lorakit.inference import load_target_tokenizer, resolve_target
+    from lorakit.models.inference import load_target_tokenizer, resolve_target
 
     target = resolve_target(str(tiny_llama))
     tokenizer = load_target_tokenizer(target)

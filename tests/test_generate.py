@@ -81,7 +81,7 @@ def test_importing_the_commands_loads_no_heavy_library():
     import sys
 
     code = ("import sys, lorakit.commands.merge, lorakit.commands.evaluate, lorakit.commands.generate, "
-            "lorakit.inference, lorakit.metrics; print(sorted(m for m in ('torch', 'transformers', 'peft', 'trl', "
+            "lorakit.models.inference, lorakit.evaluation.metrics; print(sorted(m for m in ('torch', 'transformers', 'peft', 'trl', "
             "'datasets', 'huggingface_hub', 'bitsandbytes') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

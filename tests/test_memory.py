@@ -1,4 +1,4 @@
-"""The memory and step estimates of lorakit.memory, checked against what PyTorch, bitsandbytes and a real run use."""
+"""The memory and step estimates of lorakit.training.memory, checked against what PyTorch, bitsandbytes and a real run use."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import build_tokenizer, corpus_lines, write_jsonl
-from lorakit.memory import (GIB, TrainingSetup, estimate_memory, estimate_steps, format_size, model_shape,
+from lorakit.training.memory import (GIB, TrainingSetup, estimate_memory, estimate_steps, format_size, model_shape,
                             parse_size)
 
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
@@ -73,7 +73,7 @@ def test_lora_targets_follow_peft(tiny_llama):
 
 def test_4bit_weights_match_bitsandbytes(tiny_llama):
     """The 4-bit weight term equals what bitsandbytes stores for the model lorakit loads, within 5%."""
-    from lorakit.model import Placement, load_model
+    from lorakit.models.loading import Placement, load_model
 
     placement = Placement(device="cpu", dtype="float32", attn_implementation="sdpa", device_name="CPU")
     quantization = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
@@ -101,7 +101,7 @@ def test_activation_bytes_match_what_autograd_keeps(tmp_path):
     from trl import SFTConfig, SFTTrainer
 
     from lorakit.data import prepare_data
-    from lorakit.model import load_tokenizer
+    from lorakit.models.loading import load_tokenizer
 
     folder = build_measured_model(tmp_path / "model", hidden=128, layers=2)
     tokenizer, _ = load_tokenizer({"name_or_path": str(folder)})
@@ -161,7 +161,7 @@ def test_peak_estimate_matches_measured_cpu_training_peak(tmp_path):
     depends on the allocator; glibc is told to return freed blocks at once (MALLOC_MMAP_THRESHOLD_) so that freed
     activations do not linger. The activation term alone is checked more tightly above.
     """
-    from lorakit.memory import estimate_recipe_memory
+    from lorakit.training.memory import estimate_recipe_memory
     from lorakit.recipe import load_recipe
 
     folder = build_measured_model(tmp_path / "model")
@@ -221,7 +221,7 @@ def test_peak_estimate_matches_measured_gpu_peak_for_a_real_size_model(tmp_path,
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from lorakit.memory import estimate_recipe_memory
+    from lorakit.training.memory import estimate_recipe_memory
     from lorakit.recipe import load_recipe
 
     folder = build_measured_model(tmp_path / "model", hidden=64, layers=1)  # its tokenizer and long text rows

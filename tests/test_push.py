@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from conftest import facts_rows, fast_training, write_jsonl
 from hub_server import Account, FakeHub
 
-from lorakit import card
+from lorakit.hub import card
 from lorakit.cli import main
 
 

@@ -89,8 +89,8 @@ def test_every_shipped_recipe_is_valid_offline_and_opens_with_its_command(path):
 
 @pytest.mark.parametrize("path", REAL_MODEL_RECIPES, ids=[p.stem for p in REAL_MODEL_RECIPES])
 def test_stated_peak_memory_is_what_validate_estimates(path):
-    from lorakit.memory import estimate_recipe_memory
-    from lorakit.memory import format_size
+    from lorakit.training.memory import estimate_recipe_memory
+    from lorakit.training.memory import format_size
 
     recipe = load_recipe(path)
     config = model_config(recipe.model["name_or_path"])

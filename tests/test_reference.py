@@ -2,12 +2,12 @@
 
 from pathlib import Path
 
-from lorakit import reference
+from lorakit.recipe import reference
 
 
 def test_recipe_reference_page_matches_the_code():
     page = Path(__file__).parent.parent / "docs" / "recipe-reference.md"
-    assert page.read_text() == reference.render(), "run: python -m lorakit.reference > docs/recipe-reference.md"
+    assert page.read_text() == reference.render(), "run: python -m lorakit.recipe.reference > docs/recipe-reference.md"
 
 
 def test_every_lorakit_key_is_documented():

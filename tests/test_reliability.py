@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import CHATML, facts_rows, fast_training, write_jsonl
 
-from lorakit import guards, run_dir
+from lorakit.training import guards
+from lorakit.training import run_dir
 from lorakit.errors import LorakitError, OutputDirError
 
 
@@ -191,9 +192,9 @@ def recipe_data(path: Path) -> dict:
 
 
 def test_a_changed_chat_template_is_never_served_from_the_first_runs_cache(tiny_llama, tmp_path):
-    from lorakit import cache
+    from lorakit.data import cache
     from lorakit.data import prepare_data
-    from lorakit.model import load_tokenizer
+    from lorakit.models.loading import load_tokenizer
 
     data = recipe_data(write_jsonl(tmp_path / "train.jsonl", facts_rows("messages", repeat=1)))
     sources = cache.source_fingerprints(data)
@@ -215,8 +216,8 @@ def test_a_changed_chat_template_is_never_served_from_the_first_runs_cache(tiny_
 
 
 def test_changed_data_or_settings_change_the_cache_key(tiny_llama, tmp_path):
-    from lorakit import cache
-    from lorakit.model import load_tokenizer
+    from lorakit.data import cache
+    from lorakit.models.loading import load_tokenizer
 
     path = write_jsonl(tmp_path / "train.jsonl", facts_rows("messages", repeat=1))
     data = recipe_data(path)
@@ -311,8 +312,8 @@ def test_refused_settings_name_the_key(tiny_llama, tmp_path):
 
 
 def test_an_unwritable_cache_is_said_and_skipped(tiny_llama, tmp_path, monkeypatch, capsys):
-    from lorakit import cache
-    from lorakit.model import load_tokenizer
+    from lorakit.data import cache
+    from lorakit.models.loading import load_tokenizer
 
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the cache folder would go")

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from conftest import facts_rows, fast_training, write_jsonl
 from lorakit.cli import main
-from lorakit.run_dir import RECIPE_FILE, RECORD_FILE
+from lorakit.training.run_dir import RECIPE_FILE, RECORD_FILE
 
 EXPECTED_FILES = {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
                   "chat_template.jinja", RECIPE_FILE, RECORD_FILE, "README.md"}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import facts_rows, fast_training, write_jsonl
 
-from lorakit import run_dir
+from lorakit.training import run_dir
 from lorakit.errors import OutputDirError
 
 STEPS = 8  # two epochs of 4 steps over the 32 fact rows: a resume lands mid-epoch and across an epoch boundary

@@ -154,7 +154,7 @@ def test_an_output_folder_sft_would_refuse_is_a_problem_and_left_alone(tiny_llam
 
 
 def test_a_finished_run_in_the_output_folder_is_a_warning(tiny_llama, facts, tmp_path):
-    from lorakit.run_dir import RECORD_FILE
+    from lorakit.training.run_dir import RECORD_FILE
 
     recipe = write_recipe(tmp_path, tiny_llama, facts)
     (tmp_path / "out").mkdir()
@@ -174,8 +174,8 @@ def test_trained_tokens_are_coloured_in_a_terminal(tiny_llama):
     import click
 
     from lorakit.data import Tokenization
-    from lorakit.model import load_tokenizer
-    from lorakit.render import render_example
+    from lorakit.models.loading import load_tokenizer
+    from lorakit.data.render import render_example
 
     tokenizer, _ = load_tokenizer({"name_or_path": str(tiny_llama)})
     example = {"messages": facts_rows("messages", repeat=1)[0]["messages"]}

@@ -69,9 +69,9 @@ class EvalData:
 def run_eval(target_name: str, *, data: str | None = None, split: str | None = None, compare_base: bool = False,
              max_new_tokens: int = 128, batch_size: int = 32, output: str | None = None, device: str | None = None,
              harness: str | None = None) -> dict:
-    from lorakit.model import quiet_upstream_logs
-    from lorakit.inference import load_base_model, load_target_model, load_target_tokenizer, resolve_target
-    from lorakit.model import choose_placement
+    from lorakit.models.loading import quiet_upstream_logs
+    from lorakit.models.inference import load_base_model, load_target_model, load_target_tokenizer, resolve_target
+    from lorakit.models.loading import choose_placement
 
     quiet_upstream_logs()
     target = resolve_target(target_name)
@@ -150,8 +150,9 @@ def is_eval_report(path: Path) -> bool:
 
 def load_eval_data(target, data: str | None, split: str | None, tokenizer) -> EvalData:
     """The rows to score, tokenized exactly as training tokenizes (lorakit.data), from --data or the recipe."""
-    from lorakit.data import Tokenization, prepare_data, prepare_split
-    from lorakit.recipe import DataSection, own_fields
+    from lorakit.data.labels import Tokenization
+    from lorakit.data.pipeline import prepare_data, prepare_split
+    from lorakit.recipe.sections import DataSection, own_fields
 
     recipe = target.recipe
     data_section = recipe.data if recipe is not None else \
@@ -210,7 +211,7 @@ def load_eval_data(target, data: str | None, split: str | None, tokenizer) -> Ev
 
 def last_trained_span(labels: list[int]) -> tuple[int, int] | None:
     """[start, end) of the last run of trained (not IGNORE) labels: the last reply and its end-of-turn token."""
-    from lorakit.data import IGNORE
+    from lorakit.data.labels import IGNORE
 
     end = len(labels)
     while end > 0 and labels[end - 1] == IGNORE:
@@ -225,8 +226,8 @@ def last_trained_span(labels: list[int]) -> tuple[int, int] | None:
 
 def check_training_data_unchanged(target, data_section: dict) -> list[str]:
     """The held-out split is only the one training held out if the training files are those it read."""
-    from lorakit.data import load_source, source_fingerprint
-    from lorakit.run_dir import read_record
+    from lorakit.data.sources import load_source, source_fingerprint
+    from lorakit.training.run_dir import read_record
 
     record = read_record(target.adapter_path) if target.adapter_path is not None else None
     recorded = (record or {}).get("data", {}).get("train", {}).get("sources", [])
@@ -248,8 +249,8 @@ def check_training_data_unchanged(target, data_section: dict) -> list[str]:
 
 def score(model, tokenizer, data: EvalData, batch_size: int, max_new_tokens: int, label: str) -> dict:
     """Loss and perplexity on the trained tokens, and exact match and token F1 of greedy replies."""
-    from lorakit.inference import decode_reply, generate_greedy
-    from lorakit.metrics import completion_loss, exact_match, token_f1
+    from lorakit.models.inference import decode_reply, generate_greedy
+    from lorakit.evaluation.metrics import completion_loss, exact_match, token_f1
 
     started = time.time()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -320,7 +321,7 @@ def run_harness(model, tokenizer, tasks: str, batch_size: int) -> dict:
 
 def build_report(target, data: EvalData, results: dict, placement, max_new_tokens: int, batch_size: int,
                  tokenizer) -> dict:
-    from lorakit.run_dir import library_versions
+    from lorakit.training.run_dir import library_versions
 
     examples = []
     for index, (prompt, reference) in enumerate(zip(data.prompts, data.references)):

@@ -35,10 +35,10 @@ def command(target: str, prompt: str | None, system: str | None, max_new_tokens:
 
 def generate_reply(target_name: str, prompt: str, *, system: str | None = None, max_new_tokens: int = 256,
                    device: str | None = None) -> str:
-    from lorakit.model import quiet_upstream_logs
-    from lorakit.inference import (chat_prompt_ids, decode_reply, generate_greedy, load_target_model,
+    from lorakit.models.loading import quiet_upstream_logs
+    from lorakit.models.inference import (chat_prompt_ids, decode_reply, generate_greedy, load_target_model,
                                    load_target_tokenizer, resolve_target)
-    from lorakit.model import choose_placement
+    from lorakit.models.loading import choose_placement
 
     quiet_upstream_logs()
     target = resolve_target(target_name)

@@ -15,7 +15,7 @@ import yaml
 
 from lorakit.commands.recipes import recipes_dir, shipped_recipes
 from lorakit.errors import LorakitError
-from lorakit.schema import closest
+from lorakit.recipe.schema import closest
 
 # Recipe keys that may hold a path, as (section, key); data sources are handled apart.
 PATH_KEYS = (("model", "name_or_path"), ("model", "chat_template"), ("launch", "accelerate_config"))

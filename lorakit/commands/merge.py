@@ -76,9 +76,9 @@ def command(run_dir: str, output: str | None, base: str | None, dtype: str, devi
 
 def merge_run(run_dir: str | os.PathLike, *, output: str | os.PathLike | None = None, base: str | None = None,
               dtype: str = "auto", device: str = "cpu") -> Path:
-    from lorakit.model import quiet_upstream_logs
-    from lorakit.inference import resolve_target
-    from lorakit.model import load_tokenizer
+    from lorakit.models.loading import quiet_upstream_logs
+    from lorakit.models.inference import resolve_target
+    from lorakit.models.loading import load_tokenizer
 
     quiet_upstream_logs()
     run = Path(run_dir)
@@ -250,7 +250,7 @@ def recorded_model_type(model_section: dict) -> str | None:
 
 def merge_placement(dtype: str, device: str, base_config):
     """auto keeps the dtype the base checkpoint was published in (float32 when it does not say)."""
-    from lorakit.model import choose_placement
+    from lorakit.models.loading import choose_placement
 
     if dtype == "auto":
         saved = getattr(base_config, "dtype", None) or getattr(base_config, "torch_dtype", None)
@@ -263,15 +263,15 @@ def merge_placement(dtype: str, device: str, base_config):
 
 
 def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    from lorakit.inference import chat_prompt_ids
+    from lorakit.models.inference import chat_prompt_ids
 
     return chat_prompt_ids(tokenizer, messages)
 
 
 def merge_in_memory(run: Path, section: dict, placement, prompts: list[list[int]]) -> tuple[Any, list, list]:
     """(merged model, base + adapter logits, base logits on the prompts); one copy of the weights is ever held."""
-    from lorakit.inference import attach_adapter
-    from lorakit.model import load_model
+    from lorakit.models.inference import attach_adapter
+    from lorakit.models.loading import load_model
 
     base = load_model(section, None, placement)
     model = attach_adapter(base, run, section["name_or_path"])
@@ -286,7 +286,7 @@ def merge_in_memory(run: Path, section: dict, placement, prompts: list[list[int]
 
 def write_model_folder(merged, tokenizer, folder: Path) -> None:
     """Sharded safetensors, config, generation config stopping at EOS and the end-of-turn token, tokenizer."""
-    from lorakit.inference import stop_token_ids
+    from lorakit.models.inference import stop_token_ids
 
     folder.mkdir(parents=True)
     generation = merged.generation_config
@@ -356,8 +356,8 @@ def compare_with_training_model(target, section: dict, device: str, prompts: lis
     Merging into the 16/32-bit base removes the 4-bit rounding of the base weights, so some difference is
     expected; it is recorded, never a reason to fail.
     """
-    from lorakit.inference import attach_adapter
-    from lorakit.model import choose_placement, load_model
+    from lorakit.models.inference import attach_adapter
+    from lorakit.models.loading import choose_placement, load_model
 
     training_placement = choose_placement({**target.model_section, "device": device})
     try:
@@ -382,7 +382,7 @@ def compare_with_training_model(target, section: dict, device: str, prompts: lis
 
 def merge_record(run: Path, target, section: dict, placement, check: dict, training_check: dict | None,
                  seconds: float) -> dict:
-    from lorakit.run_dir import library_versions
+    from lorakit.training.run_dir import library_versions
 
     return {
         "run_dir": str(run.resolve()),

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import click
 
-from lorakit import card, run_dir
+from lorakit.hub import card
+from lorakit.training import run_dir
 from lorakit.errors import LorakitError
-from lorakit.recipe import SECRET_KEY_PATTERN
+from lorakit.recipe.sections import SECRET_KEY_PATTERN
 
 # What may go up, by file name at the top of the folder (chat templates also from their own folder), and what
 # each file is. The first matching pattern names the file.

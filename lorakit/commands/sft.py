@@ -12,8 +12,9 @@ from typing import Any
 
 import click
 
-from lorakit import run_dir
-from lorakit.recipe import Recipe, load_recipe
+from lorakit.training import run_dir
+from lorakit.recipe.sections import Recipe
+from lorakit.recipe.load import load_recipe
 
 OVERRIDES_HELP = "OVERRIDES are dotted recipe paths, e.g. training.learning_rate=1e-4 lora.r=8 data.max_length=512."
 
@@ -40,7 +41,7 @@ def command(recipe: str, overrides: tuple[str, ...], output_dir: str | None, ove
             num_machines: int | None, machine_rank: int | None, main_process_ip: str | None,
             main_process_port: int | None) -> None:
     """Fine-tune a model with LoRA or QLoRA as RECIPE describes."""
-    from lorakit import launch
+    from lorakit.training import launch
 
     if not launch.already_launched():
         settings = load_recipe(recipe, overrides).launch or {}
@@ -61,7 +62,8 @@ def command(recipe: str, overrides: tuple[str, ...], output_dir: str | None, ove
 def run_sft(recipe_path: str, overrides: tuple[str, ...] = (), *, output_dir: str | None = None,
             overwrite: bool = False, no_resume: bool = False, resume_changed: bool = False,
             device: str | None = None) -> Path:
-    from lorakit import cache, guards
+    from lorakit.data import cache
+    from lorakit.training import guards
     from lorakit.errors import LorakitError
 
     if output_dir:
@@ -83,7 +85,7 @@ def run_sft(recipe_path: str, overrides: tuple[str, ...] = (), *, output_dir: st
     if resume_from is not None and resume_changed:
         refuse_changed_adapter_shape(resume_from, recipe.lora)
 
-    from lorakit.model import choose_placement, count_parameters, load_model, load_tokenizer, quiet_upstream_logs
+    from lorakit.models.loading import choose_placement, count_parameters, load_model, load_tokenizer, quiet_upstream_logs
 
     quiet_upstream_logs()
 
@@ -175,7 +177,7 @@ def refuse_changed_adapter_shape(checkpoint: Path, lora: dict) -> None:
 
 
 def describe_failure(error: BaseException) -> dict:
-    from lorakit import guards
+    from lorakit.training import guards
 
     reasons = {guards.TrainingDiverged: "diverged", guards.OutOfMemory: "out of memory"}
     reason = next((text for kind, text in reasons.items() if isinstance(error, kind)), type(error).__name__)
@@ -218,7 +220,7 @@ def build_sft_config(recipe: Recipe, placement, tokenizer) -> Any:
     """trl.SFTConfig from the recipe's training section plus what lorakit decides for this machine."""
     from trl import SFTConfig
 
-    from lorakit.model import PACKABLE_ATTENTION, end_of_turn_token
+    from lorakit.models.loading import PACKABLE_ATTENTION, end_of_turn_token
 
     settings = dict(recipe.training)
     settings["max_length"] = recipe.data["max_length"]
@@ -273,7 +275,7 @@ def build_lora_config(lora: dict) -> Any:
 def build_callbacks(recipe: Recipe, stop) -> list:
     """lorakit's guards (in this order: the checkpoint marker looks at the save the signal guard asks for),
     then early stopping when the recipe asks."""
-    from lorakit import guards
+    from lorakit.training import guards
 
     callbacks = [guards.StopOnDivergence(), stop,
                  guards.MarkCompleteCheckpoints(keep=recipe.training.get("save_total_limit"))]

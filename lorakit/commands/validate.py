@@ -19,7 +19,8 @@ from typing import Any
 import click
 
 from lorakit.errors import LorakitError
-from lorakit.recipe import Recipe, load_recipe
+from lorakit.recipe.sections import Recipe
+from lorakit.recipe.load import load_recipe
 
 OVERRIDES_HELP = "OVERRIDES are dotted recipe paths, e.g. training.learning_rate=1e-4 lora.r=8 data.max_length=512."
 CHECKED_ROWS = 200  # rows of each training source whose trained tokens are checked one by one
@@ -88,7 +89,7 @@ def command(recipe: str, overrides: tuple[str, ...], samples: int, gpu_memory: s
 
 
 def parse_gpu_memory(text: str | None) -> int | None:
-    from lorakit.memory import parse_size
+    from lorakit.training.memory import parse_size
 
     if text is None:
         return None
@@ -127,7 +128,7 @@ def validate(recipe_path: str, overrides: tuple[str, ...] = (), *, samples: int 
 
 
 def check_output_dir(out: Path, findings: Findings) -> None:
-    from lorakit import run_dir
+    from lorakit.training import run_dir
 
     if not out.exists():
         return
@@ -182,7 +183,7 @@ def load_model_config(recipe: Recipe, findings: Findings, report_failure: bool =
 
 
 def load_training_tokenizer(recipe: Recipe, findings: Findings) -> Any | None:
-    from lorakit.model import end_of_turn_token, load_tokenizer
+    from lorakit.models.loading import end_of_turn_token, load_tokenizer
 
     name = recipe.model["name_or_path"]
     try:
@@ -203,7 +204,9 @@ def load_training_tokenizer(recipe: Recipe, findings: Findings) -> Any | None:
 
 def prepare_training_data(recipe: Recipe, tokenizer, findings: Findings) -> Any | None:
     """The datasets sft would train on, with their report; without a tokenizer, whether each source loads."""
-    from lorakit.data import DataError, load_source, prepare_data
+    from lorakit.errors import DataError
+    from lorakit.data.sources import load_source
+    from lorakit.data.pipeline import prepare_data
 
     click.secho("data", bold=True)
     if tokenizer is None:
@@ -258,8 +261,8 @@ def quiet_progress_bars():
 
 
 def show_examples(tokenizer, dataset, count: int, recipe: Recipe) -> None:
-    from lorakit.data import IGNORE
-    from lorakit.render import legend, render_example
+    from lorakit.data.labels import IGNORE
+    from lorakit.data.render import legend, render_example
 
     count = min(count, len(dataset))
     if not count:
@@ -304,7 +307,7 @@ class RowCheck:
 def check_row(tokenizer, example: dict, ids: list[int], labels: list[int], stops: tuple[int, ...],
               train_on: str) -> RowCheck:
     """Check one encoded row: `ids` and `labels` as training sees them, `stops` the end-of-turn token ids."""
-    from lorakit.data import IGNORE
+    from lorakit.data.labels import IGNORE
 
     check = RowCheck()
     spans = message_spans(tokenizer, example["messages"], ids) if "messages" in example else None
@@ -341,8 +344,8 @@ def check_trained_tokens(recipe: Recipe, tokenizer, findings: Findings) -> None:
     - with train_on: completions, no token of a system or user message, nor any text before the first reply,
       is trained; and every token of every assistant reply is.
     """
-    from lorakit.data import Tokenization
-    from lorakit.model import end_of_turn_token
+    from lorakit.data.labels import Tokenization
+    from lorakit.models.loading import end_of_turn_token
 
     click.secho("trained tokens", bold=True)
     train_on = recipe.data["train_on"]
@@ -402,7 +405,8 @@ def check_trained_tokens(recipe: Recipe, tokenizer, findings: Findings) -> None:
 
 def first_examples(source: dict, limit: int) -> list[tuple[int, dict]]:
     """(row number, example) for the first `limit` rows of a source, mapped to messages/prompt/text as sft maps them."""
-    from lorakit.data import detect_format, load_source, row_to_example
+    from lorakit.data.sources import detect_format, load_source
+    from lorakit.data.formats import row_to_example
 
     dataset = load_source(source)
     renames = {src: dst for dst, src in (source.get("columns") or {}).items()}
@@ -481,7 +485,7 @@ def _ids(value: Any) -> list[int] | None:
 
 def check_memory(recipe: Recipe, config, data, device: str | None, gpu_memory: int | None,
                  findings: Findings) -> None:
-    from lorakit.memory import GIB, estimate_recipe_memory, format_size
+    from lorakit.training.memory import GIB, estimate_recipe_memory, format_size
 
     device = device or recipe.model.get("device", "auto")
     if recipe.training.get("use_cpu"):
@@ -550,7 +554,7 @@ def local_gpu_memory() -> int | None:
 
 
 def report_steps(recipe: Recipe, data) -> None:
-    from lorakit.memory import estimate_steps, read_launch, training_setup
+    from lorakit.training.memory import estimate_steps, read_launch, training_setup
 
     training = recipe.training
     if data is None:

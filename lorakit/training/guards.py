@@ -22,26 +22,9 @@ from typing import Any
 
 import click
 
-from lorakit import run_dir
-from lorakit.errors import LorakitError
-
-# Exit codes (docs/reliability.md). 2 is a mistake in the recipe, data or command line (lorakit.errors).
-EXIT_DIVERGED = 3
-EXIT_OUT_OF_MEMORY = 4
-EXIT_INTERRUPTED = 75  # EX_TEMPFAIL, "try again later": schedulers can requeue on it, and the rerun resumes
-
-
-class RunInterrupted(LorakitError):
-    code = EXIT_INTERRUPTED
-
-
-class TrainingDiverged(LorakitError):
-    code = EXIT_DIVERGED
-
-
-class OutOfMemory(LorakitError):
-    code = EXIT_OUT_OF_MEMORY
-
+from lorakit.training import run_dir
+from lorakit.errors import (EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OUT_OF_MEMORY, OutOfMemory,  # noqa: F401
+                            RunInterrupted, TrainingDiverged)
 
 class Callback:
     """transformers.TrainerCallback's interface without importing transformers when lorakit starts.

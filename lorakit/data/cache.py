@@ -23,7 +23,9 @@ from typing import Any
 import click
 
 import lorakit
-from lorakit import data as data_module
+from lorakit.data import pipeline
+from lorakit.data.pipeline import PreparedData, SourceReport, SplitReport
+from lorakit.data.sources import LOADERS, load_source, source_fingerprint
 
 FORMAT = 1  # the layout of an entry; bumping it retires every older entry
 
@@ -49,11 +51,11 @@ def source_fingerprint(source: dict) -> str:
         return _file_sha256(path)
     if path.is_dir():
         digest = hashlib.sha256()
-        for file in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in data_module.LOADERS):
+        for file in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOADERS):
             digest.update(file.relative_to(path).as_posix().encode() + b"\0" + _file_sha256(file).encode())
         return "sha256:" + digest.hexdigest()
     # A Hub dataset: datasets' fingerprint of the loaded split follows its revision and files.
-    return data_module.source_fingerprint(source, data_module.load_source(source))
+    return source_fingerprint(source, load_source(source))
 
 
 def _file_sha256(path: Path) -> str:
@@ -76,11 +78,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def data_key(data_section: dict, seed: int, sources: dict[str, str], tokenizer) -> str:
-    preparing_code = Path(data_module.__file__).read_bytes()
+    # Every module that turns rows into input_ids and labels: a change to any of them retires the cache.
+    preparing_code = b"".join(Path(__file__).with_name(name).read_bytes()
+                              for name in ("sources.py", "formats.py", "labels.py", "pipeline.py"))
     parts = {
         "format": FORMAT,
         "lorakit": lorakit.__version__,
-        "data.py": hashlib.sha256(preparing_code).hexdigest(),
+        "code": hashlib.sha256(preparing_code).hexdigest(),
         "data": data_section,
         "seed": seed,
         "sources": sources,
@@ -123,7 +127,7 @@ def _prepare_without_datasets_cache(data_section: dict, tokenizer, seed: int) ->
     was_enabled = datasets.is_caching_enabled()
     datasets.disable_caching()
     try:
-        return data_module.prepare_data(data_section, tokenizer, seed=seed)
+        return pipeline.prepare_data(data_section, tokenizer, seed=seed)
     finally:
         if was_enabled:
             datasets.enable_caching()
@@ -153,10 +157,10 @@ def load_entry(folder: Path) -> Any:
     reports = json.loads((folder / "reports.json").read_text(encoding="utf-8"))
     train = datasets.load_from_disk(str(folder / "train"))
     eval_dataset = datasets.load_from_disk(str(folder / "eval")) if (folder / "eval").is_dir() else None
-    return data_module.PreparedData(train=train, eval=eval_dataset,
+    return PreparedData(train=train, eval=eval_dataset,
                                     reports={split: _split_report(r) for split, r in reports.items()})
 
 
 def _split_report(values: dict) -> Any:
-    sources = [data_module.SourceReport(**s) for s in values.pop("sources")]
-    return data_module.SplitReport(**values, sources=sources)
+    sources = [SourceReport(**s) for s in values.pop("sources")]
+    return SplitReport(**values, sources=sources)

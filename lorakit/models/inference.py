@@ -47,7 +47,7 @@ class Target:
 
 def resolve_target(target: str) -> Target:
     """Tell what TARGET is from the files it names; every dead end says what would work."""
-    from lorakit.recipe import looks_like_path
+    from lorakit.recipe.sections import looks_like_path
 
     path = Path(target).expanduser()
     if path.is_file():
@@ -71,7 +71,7 @@ def resolve_target(target: str) -> Target:
 
 
 def _recipe_target(name: str, file: Path) -> Target:
-    from lorakit.recipe import load_recipe
+    from lorakit.recipe.load import load_recipe
 
     recipe = load_recipe(file)
     out = recipe.output_dir
@@ -82,8 +82,8 @@ def _recipe_target(name: str, file: Path) -> Target:
 
 
 def _run_target(name: str, folder: Path) -> Target:
-    from lorakit.recipe import load_recipe
-    from lorakit.run_dir import RECIPE_FILE
+    from lorakit.recipe.load import load_recipe
+    from lorakit.training.run_dir import RECIPE_FILE
 
     recipe = None
     if (folder / RECIPE_FILE).is_file():
@@ -141,7 +141,7 @@ def load_target_tokenizer(target: Target):
     (The copy saved in the run folder can differ: trl sets its eos_token to the chat template's end-of-turn token.)
     Otherwise the folder's or Hub model's own tokenizer.
     """
-    from lorakit.model import load_tokenizer
+    from lorakit.models.loading import load_tokenizer
 
     if target.recipe is not None:
         section = target.recipe.model
@@ -156,7 +156,7 @@ def load_target_tokenizer(target: Target):
 
 def load_target_model(target: Target, placement) -> Any:
     """The model ready for inference: base (+ bitsandbytes as trained) with the adapter, or the model alone."""
-    from lorakit.model import load_model
+    from lorakit.models.loading import load_model
 
     model = load_model(target.model_section, target.quantization, placement)
     if target.adapter_path is not None:
@@ -167,7 +167,7 @@ def load_target_model(target: Target, placement) -> Any:
 
 def load_base_model(name_or_path: str, placement) -> Any:
     """The base of a merged folder alone, for --compare-base (a run compares with its adapter disabled instead)."""
-    from lorakit.model import load_model
+    from lorakit.models.loading import load_model
 
     model = load_model({"name_or_path": name_or_path}, None, placement)
     model.eval()
@@ -192,7 +192,7 @@ def attach_adapter(model, adapter_path: Path, base_name: str) -> Any:
 
 def stop_token_ids(tokenizer, model=None) -> list[int]:
     """Where a reply ends: EOS, the chat template's end-of-turn token, and the model's own EOS ids."""
-    from lorakit.model import end_of_turn_token
+    from lorakit.models.loading import end_of_turn_token
 
     ids = [tokenizer.eos_token_id]
     end = end_of_turn_token(tokenizer)

@@ -270,7 +270,7 @@ class Launch:
 
 
 def read_launch(recipe) -> Launch:
-    from lorakit.launch import read_accelerate_config
+    from lorakit.training.launch import read_accelerate_config
 
     settings = recipe.launch or {}
     config = read_accelerate_config(Path(settings["accelerate_config"])) if settings.get("accelerate_config") else {}
@@ -287,7 +287,7 @@ def read_launch(recipe) -> Launch:
 
 def training_setup(recipe, device: str, launch: Launch, longest: int | None = None) -> tuple[TrainingSetup, bool]:
     """(setup, packing): the memory-relevant settings sft will use, with trl's defaults where the recipe is silent."""
-    from lorakit.recipe import upstream_fields
+    from lorakit.recipe.sections import upstream_fields
 
     training, model, quant = recipe.training, recipe.model, recipe.quantization or {}
     defaults = {name: default for name, (_, default) in upstream_fields("training").items()}
@@ -297,7 +297,7 @@ def training_setup(recipe, device: str, launch: Launch, longest: int | None = No
 
     on_cpu = device == "cpu"
     attention = model.get("attn_implementation", "auto")
-    from lorakit.model import PACKABLE_ATTENTION, choose_attention
+    from lorakit.models.loading import PACKABLE_ATTENTION, choose_attention
 
     packing = (training["packing"] if training.get("packing") is not None
                else choose_attention(attention, "cpu" if on_cpu else "cuda") in PACKABLE_ATTENTION)

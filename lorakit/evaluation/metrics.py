@@ -63,7 +63,7 @@ def completion_loss(model, rows: list[tuple[list[int], list[int]]], *, pad_token
     import torch
     import torch.nn.functional as F
 
-    from lorakit.data import IGNORE
+    from lorakit.data.labels import IGNORE
 
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))

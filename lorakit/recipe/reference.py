@@ -1,4 +1,4 @@
-"""The recipe reference (docs/recipe-reference.md), rendered from the field docs in lorakit/recipe.py.
+"""The recipe reference (docs/recipe-reference.md), rendered from the field docs in lorakit/recipe/sections.py.
 
 One source for the help text: a test checks the committed page matches what this renders.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from lorakit import recipe
+from lorakit.recipe import sections as recipe
 
 
 def _default(field: dataclasses.Field) -> str:
@@ -37,7 +37,7 @@ def _upstream(title: str, target: str, defaults: dict) -> list[str]:
 
 def render() -> str:
     out = ["# Recipe reference", "",
-           "Generated from `lorakit/recipe.py` by `python -m lorakit.reference > docs/recipe-reference.md`.", "",
+           "Generated from `lorakit/recipe/sections.py` by `python -m lorakit.recipe.reference > docs/recipe-reference.md`.", "",
            "A recipe has lorakit's own sections (`model`, `data`, `early_stopping`) and sections passed to upstream "
            "classes (`quantization`, `lora`, `training`). Relative paths are looked up from the working directory, "
            "then beside the recipe; the resolved recipe saved with a run holds them absolute.", "",

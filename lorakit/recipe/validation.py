@@ -11,7 +11,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from lorakit.recipe import (
+from lorakit.errors import Problem, RecipeError
+from lorakit.recipe.sections import (
     LORA_DEFAULTS,
     QUANTIZATION_4BIT_DEFAULTS,
     SHIPPED_CHAT_TEMPLATES,
@@ -24,19 +25,16 @@ from lorakit.recipe import (
     EarlyStoppingSection,
     LaunchSection,
     ModelSection,
-    Problem,
     Recipe,
-    RecipeError,
-    _LineMap,
     looks_like_path,
     own_fields,
     upstream_fields,
 )
-from lorakit.schema import Invalid, closest, coerce
+from lorakit.recipe.schema import Invalid, closest, coerce
 
 
 class Validator:
-    def __init__(self, file: Path, lines: _LineMap, overridden: set[tuple], check_paths: bool):
+    def __init__(self, file: Path, lines: "LineMap", overridden: set[tuple], check_paths: bool):
         self.file = file
         self.lines = lines
         self.overridden = overridden
@@ -125,7 +123,7 @@ class Validator:
                              "(shipped configs are in recipes/accelerate/)")
                 return launch
             launch["accelerate_config"] = str(path)
-            from lorakit.launch import incompatibility
+            from lorakit.training.launch import incompatibility
 
             message = incompatibility(path, quantization)
             if message:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from lorakit.data import IGNORE
+from lorakit.data.labels import IGNORE
 
 OPEN, CLOSE = "[[", "]]"
 

@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 
 from lorakit.errors import LorakitError
-from lorakit.recipe import looks_like_path, redact
-from lorakit.run_dir import RECIPE_FILE, RECORD_FILE
+from lorakit.recipe.sections import looks_like_path, redact
+from lorakit.training.run_dir import RECIPE_FILE, RECORD_FILE
 
 MERGE_FILE = "lorakit_merge.json"
 EVAL_FILE = "lorakit_eval.json"

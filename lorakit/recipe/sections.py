@@ -1,14 +1,9 @@
-"""The recipe: load YAML, apply command-line overrides, validate, resolve defaults, dump.
+"""What a recipe is: its sections, lorakit's defaults for upstream sections, and the validated Recipe.
 
-A recipe has lorakit's own sections (`model`, `data`, `early_stopping`) and
-sections that belong to upstream libraries (`quantization` ->
-transformers.BitsAndBytesConfig, `lora` -> peft.LoraConfig, `training` ->
-trl.SFTConfig). Upstream sections keep upstream key names and are checked
-against the upstream classes' own fields, so every upstream option works
-without lorakit naming it.
-
-Everything is checked before any model or data is loaded, and every problem
-is reported at once as `section.key (line N): what is wrong`.
+A recipe has lorakit's own sections (`model`, `data`, `early_stopping`, `launch`) and sections that belong to
+upstream libraries (`quantization` -> transformers.BitsAndBytesConfig, `lora` -> peft.LoraConfig, `training` ->
+the command's trainer config, e.g. trl.SFTConfig). Upstream sections keep upstream key names and are checked
+against the upstream classes' own fields, so every upstream option works without lorakit naming it.
 """
 
 from __future__ import annotations
@@ -18,7 +13,6 @@ import dataclasses
 import hashlib
 import inspect
 import json
-import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -26,7 +20,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-
 
 SHIPPED_CHAT_TEMPLATES = ("chatml",)
 LOCAL_DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt")
@@ -159,37 +152,6 @@ TRAINING_KEYS_OWNED_ELSEWHERE = {
 }
 
 
-# ---------------------------------------------------------------- errors
-
-
-@dataclass
-class Problem:
-    path: str
-    message: str
-    line: int | None = None
-    source: str | None = None  # "command line" for overrides
-
-    def __str__(self) -> str:
-        where = f" ({self.source})" if self.source else (f" (line {self.line})" if self.line else "")
-        return f"{self.path}{where}: {self.message}"
-
-
-class RecipeError(Exception):
-    """Every problem in a recipe, one per line."""
-
-    def __init__(self, file: str | os.PathLike | None, problems: list[Problem]):
-        self.file = str(file) if file else None
-        self.problems = problems
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        head = f"{self.file}: " if self.file else ""
-        count = len(self.problems)
-        lines = [f"{head}{count} problem{'s' if count != 1 else ''} in the recipe:"]
-        lines += [f"  {p}" for p in self.problems]
-        return "\n".join(lines)
-
-
 # ---------------------------------------------------------------- the recipe
 
 
@@ -257,113 +219,6 @@ def redact(value: Any) -> Any:
     if isinstance(value, list):
         return [redact(v) for v in value]
     return value
-
-
-# ---------------------------------------------------------------- loading
-
-
-class _LineMap:
-    """Maps a dotted key path to the line of the YAML file where it was written."""
-
-    def __init__(self, node: yaml.Node | None):
-        self.lines: dict[tuple, int] = {}
-        if node is not None:
-            self._walk(node, ())
-
-    def _walk(self, node: yaml.Node, path: tuple) -> None:
-        self.lines[path] = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                child = path + (key_node.value,)
-                self._walk(value_node, child)
-                self.lines[child] = key_node.start_mark.line + 1
-        elif isinstance(node, yaml.SequenceNode):
-            for index, item in enumerate(node.value):
-                self._walk(item, path + (index,))
-
-    def get(self, path: tuple) -> int | None:
-        while path:
-            if path in self.lines:
-                return self.lines[path]
-            path = path[:-1]
-        return None
-
-
-def read_yaml(file: Path) -> tuple[dict, _LineMap]:
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError(file, [Problem("recipe", f"file not found: {file}")]) from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
-        raise RecipeError(file, [Problem("recipe", f"cannot read {file}: {error}")]) from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        line = mark.line + 1 if mark else None
-        reason = getattr(error, "problem", None) or str(error)
-        raise RecipeError(file, [Problem("recipe", f"not valid YAML: {reason}", line)]) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise RecipeError(file, [Problem("recipe", "must be a mapping of sections (model, data, lora, training, ...)", 1)])
-    return data, _LineMap(node)
-
-
-def parse_override(text: str) -> tuple[list[str | int], Any]:
-    """'training.learning_rate=1e-4' -> (['training', 'learning_rate'], 1e-4)."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise RecipeError(None, [Problem(text, "an override is written section.key=value", source="command line")])
-    parts: list[str | int] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return parts, value
-
-
-def apply_override(data: dict, parts: list, value: Any) -> None:
-    target = data
-    for depth, part in enumerate(parts[:-1]):
-        nxt = parts[depth + 1]
-        if isinstance(target, list):
-            if not isinstance(part, int) or part >= len(target):
-                raise KeyError(".".join(map(str, parts[: depth + 1])))
-            target = target[part]
-            continue
-        if target.get(part) is None:
-            target[part] = [] if isinstance(nxt, int) else {}
-        target = target[part]
-    last = parts[-1]
-    if isinstance(target, list):
-        if not isinstance(last, int) or last > len(target):
-            raise KeyError(".".join(map(str, parts)))
-        if last == len(target):
-            target.append(value)
-        else:
-            target[last] = value
-    else:
-        target[last] = value
-
-
-def load_recipe(file: str | os.PathLike, overrides: typing.Sequence[str] = (), check_paths: bool = True) -> Recipe:
-    """Read, override, validate and resolve a recipe; raise RecipeError listing every problem."""
-    file = Path(file)
-    data, lines = read_yaml(file)
-    overridden: set[tuple] = set()
-    for text in overrides:
-        parts, value = parse_override(text)
-        try:
-            apply_override(data, parts, value)
-        except (KeyError, AttributeError, TypeError):
-            raise RecipeError(file, [Problem(".".join(map(str, parts)), "no such entry to override",
-                                             source="command line")]) from None
-        overridden.add(tuple(parts))
-    from lorakit.recipe_validation import Validator
-
-    return Validator(file, lines, overridden, check_paths).validate(data)
 
 
 # ---------------------------------------------------------------- validation

@@ -1,0 +1,95 @@
+"""Loading one data source: a local file or folder (json, jsonl, csv, parquet, arrow, txt) or a Hub dataset."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from lorakit.data.formats import FORMAT_COLUMNS
+from lorakit.errors import DataError
+
+LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
+
+
+def load_source(source: dict) -> Any:
+    """A datasets.Dataset for one recipe source: a local file or folder, or a Hub dataset."""
+    import datasets
+
+    path = source["path"]
+    local = Path(path)
+    try:
+        if local.is_file():
+            loader = LOADERS.get(local.suffix.lower())
+            if loader is None:
+                raise DataError(f"{path}: unsupported file type {local.suffix!r}; use one of {', '.join(LOADERS)}")
+            return datasets.load_dataset(loader, data_files=str(local), split="train")
+        if local.is_dir():
+            files = sorted(p for p in local.rglob("*") if p.suffix.lower() in LOADERS)
+            if not files:
+                raise DataError(f"{path}: folder holds no data files ({', '.join(LOADERS)})")
+            kinds = {LOADERS[p.suffix.lower()] for p in files}
+            if len(kinds) > 1:
+                raise DataError(f"{path}: folder mixes file types ({', '.join(sorted(kinds))}); give the files "
+                                "as separate sources")
+            return datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
+        return datasets.load_dataset(path, name=source.get("name"), split=source.get("split", "train"),
+                                     revision=source.get("revision"))
+    except DataError:
+        raise
+    except Exception as error:  # datasets' own errors are long and deep; say what and where
+        raise DataError(_explain_load_error(path, error)) from None
+
+
+def _explain_load_error(path: str, error: Exception) -> str:
+    local = Path(path)
+    if local.is_file() and local.suffix.lower() in (".json", ".jsonl"):
+        bad = _first_bad_json_line(local)
+        if bad:
+            return f"{path}: row {bad[0]} is not valid JSON ({bad[1]})"
+    if not local.exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        return f"{path}: not a local file or folder, and the Hub is off (HF_HUB_OFFLINE=1), so it cannot be downloaded"
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"{path}: cannot be loaded: {message}"
+
+
+def _first_bad_json_line(file: Path) -> tuple[int, str] | None:
+    text = file.read_text(encoding="utf-8", errors="replace")
+    if file.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            json.loads(text)
+            return None
+        except json.JSONDecodeError as error:
+            return error.lineno, error.msg
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as error:
+                return number, error.msg
+            if not isinstance(value, dict):
+                return number, "each line must be a JSON object"
+    return None
+
+
+def detect_format(columns: list[str], name: str) -> str:
+    for fmt, needed in FORMAT_COLUMNS.items():
+        if all(c in columns for c in needed):
+            return fmt
+    expected = "; ".join(f"{fmt}: {', '.join(cols)}" for fmt, cols in FORMAT_COLUMNS.items())
+    raise DataError(f"{name}: cannot tell the format from its columns ({', '.join(columns)}). Columns expected per "
+                    f"format: {expected}. Set format: and columns: {{format_name: your_column}} on the source.")
+
+
+def source_fingerprint(source: dict, dataset: Any) -> str:
+    """sha256 of a local file's bytes, else the dataset's own fingerprint (Hub revision + content)."""
+    path = Path(source["path"])
+    if path.is_file():
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return "sha256:" + digest.hexdigest()
+    return "datasets:" + str(getattr(dataset, "_fingerprint", "unknown"))

@@ -1,0 +1,1 @@
+"""Scoring a model: loss and generation metrics."""

@@ -1,0 +1,1 @@
+"""Loading models and tokenizers (device, dtype, attention, quantization), inference helpers, merging."""

@@ -1,0 +1,123 @@
+"""Reading a recipe: YAML with line numbers, command-line overrides, then validation.
+
+Everything is checked before any model or data is loaded, and every problem is reported at once as
+`section.key (line N): what is wrong`.
+"""
+
+from __future__ import annotations
+
+import os
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorakit.errors import Problem, RecipeError
+from lorakit.recipe.sections import Recipe
+
+# ---------------------------------------------------------------- loading
+
+
+class LineMap:
+    """Maps a dotted key path to the line of the YAML file where it was written."""
+
+    def __init__(self, node: yaml.Node | None):
+        self.lines: dict[tuple, int] = {}
+        if node is not None:
+            self._walk(node, ())
+
+    def _walk(self, node: yaml.Node, path: tuple) -> None:
+        self.lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                child = path + (key_node.value,)
+                self._walk(value_node, child)
+                self.lines[child] = key_node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self._walk(item, path + (index,))
+
+    def get(self, path: tuple) -> int | None:
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return None
+
+
+def read_yaml(file: Path) -> tuple[dict, LineMap]:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(file, [Problem("recipe", f"file not found: {file}")]) from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
+        raise RecipeError(file, [Problem("recipe", f"cannot read {file}: {error}")]) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        reason = getattr(error, "problem", None) or str(error)
+        raise RecipeError(file, [Problem("recipe", f"not valid YAML: {reason}", line)]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(file, [Problem("recipe", "must be a mapping of sections (model, data, lora, training, ...)", 1)])
+    return data, LineMap(node)
+
+
+def parse_override(text: str) -> tuple[list[str | int], Any]:
+    """'training.learning_rate=1e-4' -> (['training', 'learning_rate'], 1e-4)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(None, [Problem(text, "an override is written section.key=value", source="command line")])
+    parts: list[str | int] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_override(data: dict, parts: list, value: Any) -> None:
+    target = data
+    for depth, part in enumerate(parts[:-1]):
+        nxt = parts[depth + 1]
+        if isinstance(target, list):
+            if not isinstance(part, int) or part >= len(target):
+                raise KeyError(".".join(map(str, parts[: depth + 1])))
+            target = target[part]
+            continue
+        if target.get(part) is None:
+            target[part] = [] if isinstance(nxt, int) else {}
+        target = target[part]
+    last = parts[-1]
+    if isinstance(target, list):
+        if not isinstance(last, int) or last > len(target):
+            raise KeyError(".".join(map(str, parts)))
+        if last == len(target):
+            target.append(value)
+        else:
+            target[last] = value
+    else:
+        target[last] = value
+
+
+def load_recipe(file: str | os.PathLike, overrides: typing.Sequence[str] = (), check_paths: bool = True) -> Recipe:
+    """Read, override, validate and resolve a recipe; raise RecipeError listing every problem."""
+    file = Path(file)
+    data, lines = read_yaml(file)
+    overridden: set[tuple] = set()
+    for text in overrides:
+        parts, value = parse_override(text)
+        try:
+            apply_override(data, parts, value)
+        except (KeyError, AttributeError, TypeError):
+            raise RecipeError(file, [Problem(".".join(map(str, parts)), "no such entry to override",
+                                             source="command line")]) from None
+        overridden.add(tuple(parts))
+    from lorakit.recipe.validation import Validator
+
+    return Validator(file, lines, overridden, check_paths).validate(data)
