@@ -77,6 +77,24 @@ class OutOfMemory(LorakitError):
     code = EXIT_OUT_OF_MEMORY
 
 
+class ValidationFailed(LorakitError):
+    """The recipe is valid, but the run it describes cannot start as it stands."""
+
+    code = 1
+
+
+class MergeCheckError(LorakitError):
+    """The merged model does not compute what base + adapter computes."""
+
+    code = 1
+
+
+class HubError(LorakitError):
+    """The Hub could not be reached or refused a request; the local folder is never changed."""
+
+    code = 1
+
+
 def user_error_code(error: BaseException) -> int | None:
     """The exit code for an error the user should see without a traceback, or None for a bug."""
     if isinstance(error, LorakitError):

@@ -214,7 +214,7 @@ def test_default_output_is_beside_the_run_and_taken_once(adapter_run):
 
 
 def test_a_failed_check_leaves_nothing_behind(adapter_run, tmp_path, monkeypatch):
-    from lorakit.commands import merge as merge_module
+    from lorakit.models import merge as merge_module
 
     monkeypatch.setitem(merge_module.TOLERANCES, "float32", (0.0, 0.0))  # no rounding difference is allowed
     out = tmp_path / "merged"

@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, ValidationFailed
 from lorakit.recipe.sections import Recipe
 from lorakit.recipe.load import load_recipe
 
@@ -26,12 +26,6 @@ OVERRIDES_HELP = "OVERRIDES are dotted recipe paths, e.g. training.learning_rate
 CHECKED_ROWS = 200  # rows of each training source whose trained tokens are checked one by one
 TIGHT_FIT = 0.9  # an estimate above this share of the GPU's memory leaves no room for the estimate's error
 GPU_SIZES_GIB = (16, 24, 40, 48, 80, 141)  # common cards, to say what an estimate fits on
-
-
-class ValidationFailed(LorakitError):
-    """The recipe is valid, but the run it describes cannot start as it stands."""
-
-    code = 1
 
 
 @dataclass

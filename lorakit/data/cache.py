@@ -25,7 +25,7 @@ import click
 import lorakit
 from lorakit.data import pipeline
 from lorakit.data.pipeline import PreparedData, SourceReport, SplitReport
-from lorakit.data.sources import LOADERS, load_source, source_fingerprint
+from lorakit.data import sources as data_sources
 
 FORMAT = 1  # the layout of an entry; bumping it retires every older entry
 
@@ -51,11 +51,11 @@ def source_fingerprint(source: dict) -> str:
         return _file_sha256(path)
     if path.is_dir():
         digest = hashlib.sha256()
-        for file in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOADERS):
+        for file in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in data_sources.LOADERS):
             digest.update(file.relative_to(path).as_posix().encode() + b"\0" + _file_sha256(file).encode())
         return "sha256:" + digest.hexdigest()
     # A Hub dataset: datasets' fingerprint of the loaded split follows its revision and files.
-    return source_fingerprint(source, load_source(source))
+    return data_sources.source_fingerprint(source, data_sources.load_source(source))
 
 
 def _file_sha256(path: Path) -> str:

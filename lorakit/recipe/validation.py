@@ -34,7 +34,7 @@ from lorakit.recipe.schema import Invalid, closest, coerce
 
 
 class Validator:
-    def __init__(self, file: Path, lines: "LineMap", overridden: set[tuple], check_paths: bool):
+    def __init__(self, file: Path, lines: Any, overridden: set[tuple], check_paths: bool):
         self.file = file
         self.lines = lines
         self.overridden = overridden

@@ -1,0 +1,104 @@
+"""The secret scan of a push: no access token, known or pattern-matched, goes up in any file or message."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from lorakit.errors import LorakitError
+from lorakit.hub import card
+from lorakit.hub.selection import SAFETENSORS_HEADER_LIMIT, Plan
+from lorakit.training import run_dir
+from lorakit.recipe.sections import SECRET_KEY_PATTERN
+
+# A Hugging Face access token, wherever it hides; checked besides the token values known to this process.
+TOKEN_PATTERN = re.compile(rb"\bhf_[A-Za-z0-9]{30,}\b")
+# Recipe keys that hold a tokenizer's special token, not a credential, although they end in "token".
+SPECIAL_TOKEN_KEY = re.compile(r"^(bos|eos|pad|unk|sep|cls|mask|additional_special)_tokens?$")
+
+
+# ---------------------------------------------------------------- secrets
+
+
+def resolve_token() -> tuple[str | None, str]:
+    """The token to push with and where it came from (for messages; the value itself is never printed)."""
+    for variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        if os.environ.get(variable, "").strip():
+            return os.environ[variable].strip(), variable
+    from huggingface_hub import get_token
+
+    token = get_token()
+    return (token, "the saved login (hf auth login)") if token else (None, "")
+
+
+def known_secrets(token: str | None, token_source: str, folder: Path) -> dict[str, str]:
+    """{secret value: where it comes from} for every credential this push knows of."""
+    secrets = {}
+    if token:
+        secrets[token] = f"the token from {token_source}"
+    for variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        value = os.environ.get(variable, "").strip()
+        if value:
+            secrets.setdefault(value, f"the token from {variable}")
+    saved = saved_login_token()
+    if saved:
+        secrets.setdefault(saved, "the token of the saved login (hf auth login)")
+    try:
+        recipe = card.read_recipe(folder / run_dir.RECIPE_FILE) or {}
+    except LorakitError:
+        recipe = {}
+    for key, value in credential_values(recipe):
+        secrets.setdefault(value, f"the value of {key} in {run_dir.RECIPE_FILE}")
+    return {value: source for value, source in secrets.items() if len(value) >= 8}
+
+
+def saved_login_token() -> str | None:
+    from huggingface_hub import constants
+
+    try:
+        return Path(constants.HF_TOKEN_PATH).read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def credential_values(value, path: str = "") -> list[tuple[str, str]]:
+    """(dotted key, value) for each non-empty credential in a recipe that was not redacted."""
+    found = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            dotted = f"{path}{key}"
+            if (isinstance(item, str) and item and item != "<redacted>" and SECRET_KEY_PATTERN.search(str(key))
+                    and not SPECIAL_TOKEN_KEY.match(str(key))):
+                found.append((dotted, item))
+            else:
+                found += credential_values(item, dotted + ".")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found += credential_values(item, f"{path}{index}.")
+    return found
+
+
+def check_no_secrets(plan: Plan, message: str, secrets: dict[str, str]) -> None:
+    """Refuse the push if any text that would go up holds a known secret or anything shaped like a Hub token."""
+    texts = [(f"{name} in {plan.folder}", scannable_bytes(path)) for name, path, _ in plan.files]
+    texts += [(f"the model card (README.md, {plan.card_origin})", plan.readme), ("--commit-message", message.encode())]
+    for where, data in texts:
+        for value, source in secrets.items():
+            if value.encode() in data:
+                raise LorakitError(f"{where} contains {source}; nothing was uploaded. Remove it (lorakit writes "
+                                   "<redacted> in its place) and push again.")
+        if TOKEN_PATTERN.search(data):
+            raise LorakitError(f"{where} contains something shaped like a Hugging Face token (hf_...); nothing was "
+                               "uploaded. Remove it and push again.")
+
+
+def scannable_bytes(path: Path) -> bytes:
+    """A text file's bytes; for safetensors weights, the JSON header, the only place text can hide in them."""
+    if path.suffix != ".safetensors":
+        return path.read_bytes()
+    with path.open("rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        if size > SAFETENSORS_HEADER_LIMIT:
+            raise LorakitError(f"{path} is not a valid safetensors file (header of {size} bytes)")
+        return handle.read(size)
