@@ -17,10 +17,15 @@ from lorakit import __version__
 # command name -> module under lorakit.commands
 COMMANDS = {
     "sft": "sft",
+    "dpo": "dpo",
+    "classify": "classify",
+    "sweep": "sweep",
     "validate": "validate",
-    "merge": "merge",
     "eval": "evaluate",
     "generate": "generate",
+    "predict": "predict",
+    "merge": "merge",
+    "export": "export",
     "push": "push",
     "recipes": "recipes",
     "init": "init",

@@ -249,7 +249,7 @@ def files_holding(folder: Path, secrets: list[str]) -> list[str]:
 
 def stop_with_sigterm_at(monkeypatch, step: int) -> None:
     """Send this process SIGTERM when `step` ends, as a scheduler would; lorakit's handler takes it."""
-    from lorakit.commands import sft
+    from lorakit.training import lifecycle as sft
 
     class SignalAtStep(guards.Callback):
         def on_step_end(self, args, state, control, **kwargs):

@@ -199,7 +199,7 @@ def test_no_resume_needs_overwrite(tmp_path):
 
 
 def test_resume_point_is_the_newest_complete_checkpoint(tmp_path):
-    from lorakit.commands.sft import find_resume_point
+    from lorakit.training.lifecycle import find_resume_point
 
     out = tmp_path / "out"
     write_unfinished_run(out, run_dir.Fingerprint("r"), steps=(3, 6))
@@ -235,7 +235,7 @@ def test_a_marker_is_the_last_thing_written_and_lists_every_file(tmp_path):
 
 
 def test_resume_changed_refuses_a_different_adapter_rank(tmp_path):
-    from lorakit.commands.sft import refuse_changed_adapter_shape
+    from lorakit.training.lifecycle import refuse_changed_adapter_shape
     from lorakit.errors import LorakitError
 
     checkpoint = tmp_path / "checkpoint-4"

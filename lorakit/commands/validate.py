@@ -96,7 +96,7 @@ def parse_gpu_memory(text: str | None) -> int | None:
 def validate(recipe_path: str, overrides: tuple[str, ...] = (), *, samples: int = 2, gpu_memory: int | None = None,
              device: str | None = None) -> Findings:
     """Run every check, print the report, and return what was found."""
-    from lorakit.commands.sft import refuse_unsafe_settings
+    from lorakit.training.lifecycle import refuse_unsafe_settings
 
     recipe = load_recipe(recipe_path, overrides)  # RecipeError: exit 2 with sft's own message
     refuse_unsafe_settings(recipe)

@@ -105,8 +105,10 @@ def apply_override(data: dict, parts: list, value: Any) -> None:
         target[last] = value
 
 
-def load_recipe(file: str | os.PathLike, overrides: typing.Sequence[str] = (), check_paths: bool = True) -> Recipe:
-    """Read, override, validate and resolve a recipe; raise RecipeError listing every problem."""
+def load_recipe(file: str | os.PathLike, overrides: typing.Sequence[str] = (), check_paths: bool = True,
+                command: str = "sft") -> Recipe:
+    """Read, override, validate and resolve a recipe for a training `command` (sft, dpo, classify: it decides
+    the class behind `training:` and the command's own sections); raise RecipeError listing every problem."""
     file = Path(file)
     data, lines = read_yaml(file)
     overridden: set[tuple] = set()
@@ -120,4 +122,4 @@ def load_recipe(file: str | os.PathLike, overrides: typing.Sequence[str] = (), c
         overridden.add(tuple(parts))
     from lorakit.recipe.validation import Validator
 
-    return Validator(file, lines, overridden, check_paths).validate(data)
+    return Validator(file, lines, overridden, check_paths, command).validate(data)

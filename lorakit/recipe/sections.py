@@ -117,9 +117,18 @@ OWN_SECTIONS = {"model": ModelSection, "data": DataSection, "early_stopping": Ea
 UPSTREAM_SECTIONS = {
     "quantization": "transformers.BitsAndBytesConfig",
     "lora": "peft.LoraConfig",
-    "training": "trl.SFTConfig",
+    "training": "trl.SFTConfig",  # for sft; each training command's own class is in TRAINING_CONFIGS
 }
 TOP_LEVEL = ("model", "quantization", "lora", "data", "training", "early_stopping", "launch")
+# The upstream config class behind `training:`, per training command.
+TRAINING_CONFIGS = {
+    "sft": "trl.SFTConfig",
+    "dpo": "trl.DPOConfig",
+    "classify": "transformers.TrainingArguments",
+}
+# Sections of lorakit's own that only one training command has: {command: {section: dataclass}}. Their values end
+# up in Recipe.sections, checked and with defaults filled like the shared sections.
+COMMAND_SECTIONS: dict[str, dict[str, type]] = {"sft": {}, "dpo": {}, "classify": {}}
 
 # lorakit's defaults for upstream sections, where upstream's are not fit for LoRA (each says why).
 LORA_DEFAULTS = {
@@ -167,6 +176,8 @@ class Recipe:
     early_stopping: dict[str, Any] | None = None
     launch: dict[str, Any] | None = None
     file: Path | None = None
+    command: str = "sft"  # the training command the recipe was checked for (its `training:` class)
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)  # that command's own sections
 
     def to_dict(self) -> dict[str, Any]:
         out = {"model": self.model}
@@ -179,11 +190,12 @@ class Recipe:
             out["early_stopping"] = self.early_stopping
         if self.launch and any(v is not None for v in self.launch.values()):
             out["launch"] = self.launch
+        out.update(self.sections)
         return copy.deepcopy(out)
 
     def dump(self) -> str:
         """The resolved recipe as YAML, re-runnable as is, with secrets removed."""
-        header = "# lorakit sft lorakit_recipe.yaml\n# The resolved recipe of this run: every default filled in, local paths absolute.\n"
+        header = f"# lorakit {self.command} lorakit_recipe.yaml\n# The resolved recipe of this run: every default filled in, local paths absolute.\n"
         return header + yaml.safe_dump(redact(self.to_dict()), sort_keys=False, allow_unicode=True)
 
     def fingerprint(self) -> str:
@@ -224,13 +236,20 @@ def redact(value: Any) -> Any:
 # ---------------------------------------------------------------- validation
 
 
-def upstream_fields(section: str) -> dict[str, tuple[Any, Any]]:
-    """{key: (annotation, default)} of the upstream class behind a section."""
-    if section == "training":
-        from trl import SFTConfig
+def upstream_class(dotted: str) -> type:
+    """The class named `package.Class` (imported only when a recipe is checked)."""
+    import importlib
 
-        hints = typing.get_type_hints(SFTConfig)
-        return {f.name: (hints.get(f.name, Any), _field_default(f)) for f in dataclasses.fields(SFTConfig) if f.init}
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def upstream_fields(section: str, command: str = "sft") -> dict[str, tuple[Any, Any]]:
+    """{key: (annotation, default)} of the upstream class behind a section (for `training`, the command's own)."""
+    if section == "training":
+        config = upstream_class(TRAINING_CONFIGS[command])
+        hints = typing.get_type_hints(config)
+        return {f.name: (hints.get(f.name, Any), _field_default(f)) for f in dataclasses.fields(config) if f.init}
     if section == "lora":
         from peft import LoraConfig
 

@@ -17,6 +17,7 @@ from lorakit.recipe.sections import (
     QUANTIZATION_4BIT_DEFAULTS,
     SHIPPED_CHAT_TEMPLATES,
     LOCAL_DATA_EXTENSIONS,
+    COMMAND_SECTIONS,
     TOP_LEVEL,
     TRAINING_DEFAULTS,
     TRAINING_KEYS_OWNED_ELSEWHERE,
@@ -34,8 +35,10 @@ from lorakit.recipe.schema import Invalid, closest, coerce
 
 
 class Validator:
-    def __init__(self, file: Path, lines: Any, overridden: set[tuple], check_paths: bool):
+    def __init__(self, file: Path, lines: Any, overridden: set[tuple], check_paths: bool, command: str = "sft"):
         self.file = file
+        self.command = command
+        self.own_sections = COMMAND_SECTIONS[command]
         self.lines = lines
         self.overridden = overridden
         self.check_paths = check_paths
@@ -84,10 +87,11 @@ class Validator:
 
     # -- sections
     def validate(self, data: dict) -> Recipe:
+        known = TOP_LEVEL + tuple(self.own_sections)
         for key in data:
-            if key not in TOP_LEVEL:
-                suggestion = closest(str(key), TOP_LEVEL)
-                hint = f"; did you mean {suggestion}?" if suggestion else f"; sections are {', '.join(TOP_LEVEL)}"
+            if key not in known:
+                suggestion = closest(str(key), known)
+                hint = f"; did you mean {suggestion}?" if suggestion else f"; sections are {', '.join(known)}"
                 self.problem((key,), f"unknown section{hint}")
         model = self.validate_model(data.get("model"))
         lora = self.validate_lora(data.get("lora"))
@@ -104,11 +108,16 @@ class Validator:
             if dataset and not (dataset.get("eval") or dataset.get("eval_fraction")):
                 self.problem(("early_stopping",), "needs evaluation data: set data.eval or data.eval_fraction")
         launch = self.validate_launch(data.get("launch"), quantization)
+        sections = {}
+        for name, section in self.own_sections.items():
+            fields = own_fields(section)
+            sections[name] = self.fill_defaults((name,), self.check_mapping((name,), data.get(name), fields), fields)
         self.check_conflicts(training, quantization, model)
         if self.problems:
             raise RecipeError(self.file, self.problems)
         return Recipe(model=model, data=dataset, lora=lora, training=training, quantization=quantization,
-                      early_stopping=early, launch=launch, file=self.file.resolve())
+                      early_stopping=early, launch=launch, file=self.file.resolve(), command=self.command,
+                      sections=sections)
 
     def validate_launch(self, values: Any, quantization: dict | None) -> dict:
         fields = own_fields(LaunchSection)
@@ -254,7 +263,7 @@ class Validator:
         return sources
 
     def validate_training(self, values: Any) -> dict:
-        fields = upstream_fields("training")
+        fields = upstream_fields("training", self.command)
         given = self.check_mapping(("training",), values, fields, extra_hint=TRAINING_KEYS_OWNED_ELSEWHERE)
         training = {**TRAINING_DEFAULTS, **given}
         if not training.get("output_dir"):

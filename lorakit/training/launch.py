@@ -1,4 +1,4 @@
-"""Running `lorakit sft` on several processes through accelerate (torchrun underneath, FSDP/DeepSpeed behind it).
+"""Running a training command (`lorakit sft`, `dpo`, `classify`) on several processes through accelerate (torchrun underneath, FSDP/DeepSpeed behind it).
 
 lorakit has no launcher of its own: `lorakit sft RECIPE --num-processes N` re-runs itself as
 `accelerate launch [--config_file F] ... -m lorakit sft RECIPE ...`, so `accelerate launch -m lorakit sft` and
@@ -66,8 +66,9 @@ def incompatibility(config_path: Path, quantization: dict | None) -> str | None:
 
 def launch_command(sft_args: list[str], num_processes: int | None, accelerate_config: str | None,
                    num_machines: int | None = None, machine_rank: int | None = None,
-                   main_process_ip: str | None = None, main_process_port: int | None = None) -> list[str]:
-    """The `accelerate launch` command line that runs `lorakit sft` with `sft_args` on every process."""
+                   main_process_ip: str | None = None, main_process_port: int | None = None, *,
+                   command_name: str = "sft") -> list[str]:
+    """The `accelerate launch` command line that runs `lorakit <command_name>` with `sft_args` on every process."""
     command = [sys.executable, "-m", "accelerate.commands.launch"]
     if accelerate_config:
         command += ["--config_file", str(accelerate_config)]
@@ -83,7 +84,7 @@ def launch_command(sft_args: list[str], num_processes: int | None, accelerate_co
         command += ["--main_process_port", str(main_process_port)]
     elif not (num_machines and num_machines > 1):
         command += ["--main_process_port", "0"]  # a free port, so two runs on one machine don't collide
-    return command + ["-m", "lorakit", "sft", *sft_args]
+    return command + ["-m", "lorakit", command_name, *sft_args]
 
 
 def relaunch(command: list[str]) -> int:
