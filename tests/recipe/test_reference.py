@@ -6,7 +6,7 @@ from lorakit.recipe import reference
 
 
 def test_recipe_reference_page_matches_the_code():
-    page = Path(__file__).parent.parent / "docs" / "recipe-reference.md"
+    page = Path(__file__).parents[2] / "docs" / "recipe-reference.md"
     assert page.read_text() == reference.render(), "run: python -m lorakit.recipe.reference > docs/recipe-reference.md"
 
 

@@ -14,7 +14,7 @@ from conftest import facts_rows, write_jsonl
 from lorakit.training.launch import incompatibility, launch_command
 from lorakit.recipe import RecipeError, load_recipe
 
-ACCELERATE_DIR = Path(__file__).parent.parent / "recipes" / "accelerate"
+ACCELERATE_DIR = Path(__file__).parents[2] / "recipes" / "accelerate"
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from lorakit.cli import main
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 
 

@@ -1,0 +1,1 @@
+"""What `lorakit validate` checks before any compute: inputs, the trained tokens of real rows, memory and steps."""
