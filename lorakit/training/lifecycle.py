@@ -55,7 +55,8 @@ class Built:
 
 def run_recipe(command: str, recipe_path: str | os.PathLike, overrides: tuple[str, ...],
                build: Callable[[RunContext], Built], *, output_dir: str | None = None, overwrite: bool = False,
-               no_resume: bool = False, resume_changed: bool = False, device: str | None = None) -> Path:
+               no_resume: bool = False, resume_changed: bool = False, device: str | None = None,
+               callbacks: tuple = ()) -> Path:
     """Load the recipe file for `command` (with overrides and --output-dir) and `run` it."""
     from lorakit.recipe.load import load_recipe
 
@@ -63,7 +64,8 @@ def run_recipe(command: str, recipe_path: str | os.PathLike, overrides: tuple[st
     if output_dir:
         overrides = (*overrides, f"training.output_dir={Path(output_dir).absolute()}")
     recipe = load_recipe(recipe_path, overrides, command=command)
-    return run(recipe, build, overwrite=overwrite, no_resume=no_resume, resume_changed=resume_changed, device=device)
+    return run(recipe, build, overwrite=overwrite, no_resume=no_resume, resume_changed=resume_changed, device=device,
+               callbacks=callbacks)
 
 
 def check_options(overwrite: bool, no_resume: bool) -> None:
@@ -73,8 +75,11 @@ def check_options(overwrite: bool, no_resume: bool) -> None:
 
 
 def run(recipe: Recipe, build: Callable[[RunContext], Built], *, overwrite: bool = False, no_resume: bool = False,
-        resume_changed: bool = False, device: str | None = None) -> Path:
-    """Train what `build` makes, with every guarantee of a lorakit run; return the output folder."""
+        resume_changed: bool = False, device: str | None = None, callbacks: tuple = ()) -> Path:
+    """Train what `build` makes, with every guarantee of a lorakit run; return the output folder.
+
+    `callbacks` are trainer callbacks of the caller's (a sweep's pruning, say), run after lorakit's guards.
+    """
     from lorakit.data import cache
     from lorakit.models.loading import choose_placement, count_parameters, quiet_upstream_logs
     from lorakit.training import guards
@@ -96,7 +101,7 @@ def run(recipe: Recipe, build: Callable[[RunContext], Built], *, overwrite: bool
     quiet_upstream_logs()
     placement = choose_placement(recipe.model, device)
     stop = guards.StopOnSignal()
-    built = build(RunContext(recipe, placement, fingerprint, build_callbacks(recipe, stop), resume_from))
+    built = build(RunContext(recipe, placement, fingerprint, [*build_callbacks(recipe, stop), *callbacks], resume_from))
     trainer = built.trainer
     trainable, total = count_parameters(trainer.model)
     steps = planned_steps(trainer)
