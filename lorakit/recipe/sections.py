@@ -112,6 +112,41 @@ class LaunchSection:
     )
 
 
+@dataclass
+class TaskSection:
+    """`lorakit classify`'s own section: what the rows hold and what the new head predicts."""
+
+    type: Literal["classification", "multi_label", "regression"] = doc(
+        "classification: one label per row (cross-entropy). multi_label: a list of labels per row, any number of "
+        "them (binary cross-entropy per label). regression: one number per row (mean squared error).",
+        "classification",
+    )
+    text_column: str = doc("Column with the text to label.", "text")
+    text_pair_column: str | None = doc(
+        "Column with a second text, for pairs (NLI, similarity): both are encoded together, as the tokenizer joins "
+        "pairs. null: single texts.",
+        None,
+    )
+    label_column: str = doc("Column with the label: a name or whole number, a list of them for multi_label, "
+                            "a number for regression.", "label")
+    labels: list[str] | None = doc(
+        "The label names in order (a name's position is its class id). null: the names found in the training data, "
+        "sorted. Whole numbers in the data are positions in this list, unless every name is itself a number.",
+        None,
+    )
+    class_weights: Literal["balanced"] | None = doc(
+        "balanced: each class's loss weighs rows / (classes x its rows), so a rare class counts as much as a "
+        "common one (multi_label: each label's positives weigh its negatives / positives). null: every row alike.",
+        None,
+    )
+    bad_labels: Literal["error", "drop"] = doc(
+        "A row whose label is missing, unknown, or of the wrong kind for task.type: error stops with its file "
+        "and row; drop leaves it out and counts it in the summary.",
+        "error",
+    )
+    head_only: bool = doc("Train only the new head (a linear probe): no LoRA, the whole base model frozen.", False)
+
+
 OWN_SECTIONS = {"model": ModelSection, "data": DataSection, "early_stopping": EarlyStoppingSection,
                 "launch": LaunchSection}
 UPSTREAM_SECTIONS = {
@@ -128,7 +163,7 @@ TRAINING_CONFIGS = {
 }
 # Sections of lorakit's own that only one training command has: {command: {section: dataclass}}. Their values end
 # up in Recipe.sections, checked and with defaults filled like the shared sections.
-COMMAND_SECTIONS: dict[str, dict[str, type]] = {"sft": {}, "dpo": {}, "classify": {}}
+COMMAND_SECTIONS: dict[str, dict[str, type]] = {"sft": {}, "dpo": {}, "classify": {"task": TaskSection}}
 
 # lorakit's defaults for upstream sections, where upstream's are not fit for LoRA (each says why).
 LORA_DEFAULTS = {
