@@ -164,6 +164,13 @@ TRAINING_CONFIGS = {
 # Sections of lorakit's own that only one training command has: {command: {section: dataclass}}. Their values end
 # up in Recipe.sections, checked and with defaults filled like the shared sections.
 COMMAND_SECTIONS: dict[str, dict[str, type]] = {"sft": {}, "dpo": {}, "classify": {"task": TaskSection}}
+# What `lorakit classify` measures on eval data, per task.type (Trainer logs them as eval_<name>), besides the loss;
+# training.metric_for_best_model names one of them.
+CLASSIFY_METRICS = {
+    "classification": ("accuracy", "f1_macro", "f1_micro"),
+    "multi_label": ("f1_macro", "f1_micro", "exact_match"),
+    "regression": ("mse", "pearson", "spearman"),
+}
 
 # lorakit's defaults for upstream sections, where upstream's are not fit for LoRA (each says why).
 LORA_DEFAULTS = {
