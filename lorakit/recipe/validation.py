@@ -34,21 +34,47 @@ from lorakit.recipe.sections import (
 )
 from lorakit.recipe.schema import Invalid, closest, coerce
 
+# training.report_to: the module each logging integration imports, and the package that provides it.
+REPORT_TO_PACKAGES = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "trackio": ("trackio", "trackio"),
+    "mlflow": ("mlflow", "mlflow"),
+    "wandb": ("wandb", "wandb"),
+    "comet_ml": ("comet_ml", "comet_ml"),
+    "clearml": ("clearml", "clearml"),
+    "neptune": ("neptune", "neptune"),
+    "dvclive": ("dvclive", "dvclive"),
+    "swanlab": ("swanlab", "swanlab"),
+    "codecarbon": ("codecarbon", "codecarbon"),
+}
+
+# Outside this range a LoRA run is almost always a typo or a dead run (training.learning_rate 1e8 saturates a
+# model at the first step); a warning, since research recipes can have their reasons. DPO starts from a tuned
+# model and is run 10-100x lower (alignment-handbook's QLoRA DPO recipes: 5e-6).
+SANE_LEARNING_RATES = {"sft": (1e-5, 1e-2), "classify": (1e-5, 1e-2), "dpo": (1e-7, 1e-3)}
+
 
 class Validator:
-    def __init__(self, file: Path, lines: Any, overridden: set[tuple], check_paths: bool, command: str = "sft"):
-        self.file = file
+    def __init__(self, file: Path | None, lines: Any, overridden: set[tuple], check_paths: bool, command: str = "sft"):
+        self.file = file  # None for a recipe given as a dict (the Python API): paths resolve from the working dir
         self.command = command
         self.own_sections = COMMAND_SECTIONS[command]
         self.lines = lines
         self.overridden = overridden
         self.check_paths = check_paths
         self.problems: list[Problem] = []
+        self.warnings: list[Problem] = []  # allowed, but most likely not what was meant; shown, never fatal
 
     def problem(self, path: tuple, message: str) -> None:
+        self.problems.append(self.at(path, message))
+
+    def warning(self, path: tuple, message: str) -> None:
+        self.warnings.append(self.at(path, message))
+
+    def at(self, path: tuple, message: str) -> Problem:
         dotted = ".".join(str(p) for p in path)
         from_cli = any(path[: len(o)] == o for o in self.overridden)
-        self.problems.append(Problem(dotted, message, self.lines.get(path), "command line" if from_cli else None))
+        return Problem(dotted, message, self.lines.get(path), "command line" if from_cli else None)
 
     # -- generic checking of one mapping against {key: (annotation, default)}
     def check_mapping(self, path: tuple, values: Any, fields: dict[str, tuple[Any, Any]],
@@ -109,18 +135,21 @@ class Validator:
             if dataset and not (dataset.get("eval") or dataset.get("eval_fraction")):
                 self.problem(("early_stopping",), "needs evaluation data: set data.eval or data.eval_fraction")
         launch = self.validate_launch(data.get("launch"), quantization)
+        self.check_report_to(training.get("report_to"))
         sections = {}
         for name, section in self.own_sections.items():
             fields = own_fields(section)
             sections[name] = self.fill_defaults((name,), self.check_mapping((name,), data.get(name), fields), fields)
         self.check_conflicts(training, quantization, model)
+        self.check_evaluation(training, dataset)
         if self.command == "classify":
             self.check_classify(data, sections["task"], lora, training)
         if self.problems:
             raise RecipeError(self.file, self.problems)
         return Recipe(model=model, data=dataset, lora=lora, training=training, quantization=quantization,
-                      early_stopping=early, launch=launch, file=self.file.resolve(), command=self.command,
-                      sections=sections)
+                      early_stopping=early, launch=launch, file=self.file.resolve() if self.file else None,
+                      command=self.command,
+                      sections=sections, warnings=self.warnings)
 
     def validate_launch(self, values: Any, quantization: dict | None) -> dict:
         fields = own_fields(LaunchSection)
@@ -129,10 +158,12 @@ class Validator:
             self.problem(("launch", "num_processes"), "must be at least 1")
         config = launch.get("accelerate_config")
         if isinstance(config, str):
-            path = self.local_path(config)
+            path = self.local_path(("launch", "accelerate_config"), config)
             if path is None or not path.is_file():
-                self.problem(("launch", "accelerate_config"), f"file not found: {config} "
-                             "(shipped configs are in recipes/accelerate/)")
+                self.problem(("launch", "accelerate_config"), f"file not found: {config} (shipped configs are "
+                             "in recipes/accelerate/); looked for "
+                             f"{self.looked_for(('launch', 'accelerate_config'), config)}"
+                             + self.relative_note(config))
                 return launch
             launch["accelerate_config"] = str(path)
             from lorakit.training.launch import incompatibility
@@ -152,17 +183,19 @@ class Validator:
         model = self.fill_defaults(("model",), self.check_mapping(("model",), values, fields), fields)
         name = model.get("name_or_path")
         if isinstance(name, str) and self.check_paths:
-            local = self.local_path(name)
+            local = self.local_path(("model", "name_or_path"), name)
             if local is not None:
                 model["name_or_path"] = str(local)
                 if not (local / "config.json").exists():
                     self.problem(("model", "name_or_path"), f"{local} is a folder but holds no config.json, "
                                  "so it is not a Hugging Face model folder")
             elif looks_like_path(name):
-                self.problem(("model", "name_or_path"), f"no such folder: {name} (nor a Hub id of the form owner/name)")
+                self.problem(("model", "name_or_path"), f"no such folder: {name} (nor a Hub id of the form "
+                             f"owner/name); looked for {self.looked_for(('model', 'name_or_path'), name)}"
+                             + self.relative_note(name))
         template = model.get("chat_template")
         if isinstance(template, str) and "{" not in template and template not in SHIPPED_CHAT_TEMPLATES:
-            path = self.local_path(template)
+            path = self.local_path(("model", "chat_template"), template)
             if path is not None and path.is_file():
                 model["chat_template"] = str(path)
             else:
@@ -246,14 +279,15 @@ class Validator:
             source = self.fill_defaults(where, self.check_mapping(where, source, fields), fields)
             name = source.get("path")
             if isinstance(name, str) and self.check_paths:
-                local = self.local_path(name)
+                local = self.local_path(where + ("path",), name)
                 if local is not None:
                     source["path"] = str(local)
                     if local.is_file() and local.suffix.lower() not in LOCAL_DATA_EXTENSIONS:
                         self.problem(where + ("path",), f"{local.name}: unsupported file type; use one of "
                                      + ", ".join(LOCAL_DATA_EXTENSIONS))
                 elif looks_like_path(name):
-                    self.problem(where + ("path",), f"file not found: {name}")
+                    self.problem(where + ("path",), f"file not found: {name}; looked for "
+                                 f"{self.looked_for(where + ('path',), name)}" + self.relative_note(name))
             if source.get("fraction") is not None and source.get("weight") is not None:
                 self.problem(where + ("weight",), "conflicts with fraction: use one")
             fraction = source.get("fraction")
@@ -270,7 +304,7 @@ class Validator:
         given = self.check_mapping(("training",), values, fields, extra_hint=TRAINING_KEYS_OWNED_ELSEWHERE)
         training = {**TRAINING_DEFAULTS, **given}
         if not training.get("output_dir"):
-            training["output_dir"] = str(Path("runs") / self.file.stem)
+            training["output_dir"] = str(Path("runs") / (self.file.stem if self.file else self.command))
         training["output_dir"] = str(Path(training["output_dir"]).expanduser().absolute())
         positive = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps")
         for key in positive:
@@ -280,6 +314,17 @@ class Validator:
         if training.get("bf16") and training.get("fp16"):
             self.problem(("training", "fp16"), "conflicts with training.bf16: choose one")
         max_steps = training.get("max_steps", -1)
+        if isinstance(max_steps, int) and max_steps < 1 and max_steps != -1:
+            # transformers reads any value below 1 as "not set" and trains whole epochs instead
+            self.problem(("training", "max_steps"), f"must be at least 1, or -1 to train "
+                         f"training.num_train_epochs epochs instead; not {max_steps}")
+        rate = training.get("learning_rate")
+        low, high = SANE_LEARNING_RATES.get(self.command, SANE_LEARNING_RATES["sft"])
+        if isinstance(rate, float) and rate > 0 and not low <= rate <= high:
+            self.warning(("training", "learning_rate"), f"{rate:g} is outside {low:g} to {high:g}, where LoRA "
+                         "learning rates usually are (2e-4 is a common start); "
+                         + ("too high a rate saturates the model in a step or two and the run learns nothing"
+                            if rate > high else "too low a rate barely moves the adapter"))
         epochs = training.get("num_train_epochs")
         if isinstance(epochs, (int, float)) and epochs <= 0 and not (isinstance(max_steps, int) and max_steps > 0):
             self.problem(("training", "num_train_epochs"), "must be positive (or set training.max_steps)")
@@ -288,11 +333,40 @@ class Validator:
             self.problem(("training", "warmup_steps"), "must be >= 0 (a float below 1 is a ratio of total steps)")
         return training
 
+    def check_evaluation(self, training: dict, dataset: dict) -> None:
+        strategy = training.get("eval_strategy")
+        if strategy not in (None, "no") and dataset and not (dataset.get("eval") or dataset.get("eval_fraction")):
+            self.problem(("training", "eval_strategy"), f"{strategy} evaluates during training, but the recipe has "
+                         "no evaluation data: set data.eval (or data.eval_fraction), or remove "
+                         "training.eval_strategy")
+
     def check_conflicts(self, training: dict, quantization: dict | None, model: dict) -> None:
         if quantization and training.get("fp16") and model.get("dtype") == "bfloat16":
             self.problem(("training", "fp16"), "conflicts with model.dtype: bfloat16")
         if training.get("use_cpu") and model.get("device") not in ("auto", "cpu"):
             self.problem(("training", "use_cpu"), f"conflicts with model.device: {model.get('device')}")
+
+    def check_report_to(self, value: Any) -> None:
+        """Each logging integration in training.report_to must be one transformers knows, and installed: found
+        now, not in a traceback after the model has loaded."""
+        import importlib.util
+
+        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+        names = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        for name in names:
+            if name in ("none", "all"):
+                continue
+            if name not in INTEGRATION_TO_CALLBACK:
+                suggestion = closest(str(name), INTEGRATION_TO_CALLBACK)
+                hint = f"; did you mean {suggestion}?" if suggestion else ""
+                self.problem(("training", "report_to"), f"{name!r} is not a logging integration of transformers "
+                             f"({', '.join(INTEGRATION_TO_CALLBACK)}, or none){hint}")
+                continue
+            module, package = REPORT_TO_PACKAGES.get(name, (None, None))
+            if module is not None and importlib.util.find_spec(module) is None:
+                self.problem(("training", "report_to"), f"{name} needs the {package} package, which is not "
+                             f"installed: pip install {package}")
 
     def check_classify(self, raw: dict, task: dict, lora: dict, training: dict) -> None:
         """`lorakit classify`: the task section against the sections it shares with sft."""
@@ -329,10 +403,24 @@ class Validator:
                          f"{', '.join(known)} or loss, not {metric!r}")
 
     # -- paths
-    def local_path(self, name: str) -> Path | None:
-        """A local file or folder for `name`, looked up from the working directory, then beside the recipe."""
+    def base_dir(self, path: tuple) -> Path:
+        """What a relative path at `path` is relative to: the recipe file's folder (as docker-compose resolves a
+        compose file's paths), so a recipe means the same from any working directory. A value given on the
+        command line, or a recipe with no file (a dict given to the Python API), is relative to the working
+        directory instead, as the shell's own paths are."""
+        from_cli = any(path[: len(o)] == o for o in self.overridden)
+        return Path.cwd() if from_cli or self.file is None else self.file.resolve().parent
+
+    def looked_for(self, path: tuple, name: str) -> Path:
         expanded = Path(name).expanduser()
-        for candidate in (expanded, self.file.parent / expanded):
-            if candidate.exists():
-                return candidate.resolve()
-        return None
+        return expanded if expanded.is_absolute() else self.base_dir(path) / expanded
+
+    def relative_note(self, name: str) -> str:
+        if Path(name).expanduser().is_absolute() or self.file is None:
+            return ""
+        return " (a relative path in a recipe is relative to the recipe file's folder)"
+
+    def local_path(self, path: tuple, name: str) -> Path | None:
+        """The local file or folder that `name` (at YAML path `path`) names, or None (it may be a Hub id)."""
+        candidate = self.looked_for(path, name)
+        return candidate.resolve() if candidate.exists() else None

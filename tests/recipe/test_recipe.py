@@ -73,13 +73,16 @@ def test_every_problem_is_reported_at_once(write_recipe, tmp_path):
           num_train_epochs: 0
         """)
     found = problems(path)
-    assert "model.name_or_path (line 2): no such folder: ./no-such-model (nor a Hub id of the form owner/name)" in found
+    # A missing path says where it was looked for: beside the recipe file.
+    assert (f"model.name_or_path (line 2): no such folder: ./no-such-model (nor a Hub id of the form owner/name); "
+            f"looked for {path.parent / 'no-such-model'}") in [p.split(" (a relative")[0] for p in found]
     assert "model.dtype (line 3): must be one of auto, bfloat16, float16, float32, not 'float8'; did you mean float32?" in found
     assert ("quantization.load_in_8bit (line 6): conflicts with quantization.load_in_4bit: choose one "
             "(4-bit NF4 for QLoRA, or 8-bit)") in found
     assert "lora.r (line 8): must be a positive integer (typical: 8-64)" in found
     assert "lora.lora_dropout (line 9): must be in [0, 1)" in found
-    assert "data.train.0.path (line 12): file not found: missing.jsonl" in found
+    assert f"data.train.0.path (line 12): file not found: missing.jsonl; looked for {path.parent / 'missing.jsonl'}" \
+        in [p.split(" (a relative")[0] for p in found]
     assert "data.truncation (line 13): must be one of truncate, drop, error, not 'cut'" in found
     assert "training.per_device_train_batch_size (line 15): must be an integer, not 'many'" in found
     assert "training.num_train_epochs (line 16): must be positive (or set training.max_steps)" in found
