@@ -12,6 +12,9 @@ from lorakit.data.formats import FORMAT_COLUMNS
 from lorakit.errors import DataError
 
 LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
+# Text formats, which datasets reads as UTF-8 only (a JSON Lines file in another encoding even loads, and fails
+# later, when a row is read).
+TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".txt")
 
 
 def load_source(source: dict) -> Any:
@@ -25,6 +28,7 @@ def load_source(source: dict) -> Any:
             loader = LOADERS.get(local.suffix.lower())
             if loader is None:
                 raise DataError(f"{path}: unsupported file type {local.suffix!r}; use one of {', '.join(LOADERS)}")
+            check_utf8(local)
             return datasets.load_dataset(loader, data_files=str(local), split="train")
         if local.is_dir():
             files = sorted(p for p in local.rglob("*") if p.suffix.lower() in LOADERS)
@@ -34,6 +38,8 @@ def load_source(source: dict) -> Any:
             if len(kinds) > 1:
                 raise DataError(f"{path}: folder mixes file types ({', '.join(sorted(kinds))}); give the files "
                                 "as separate sources")
+            for file in files:
+                check_utf8(file)
             return datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
         return datasets.load_dataset(path, name=source.get("name"), split=source.get("split", "train"),
                                      revision=source.get("revision"))
@@ -41,6 +47,24 @@ def load_source(source: dict) -> Any:
         raise
     except Exception as error:  # datasets' own errors are long and deep; say what and where
         raise DataError(_explain_load_error(path, error)) from None
+
+
+def check_utf8(file: Path) -> None:
+    """A text data file that is not UTF-8 is named with its first bad line, and how to convert it."""
+    if file.suffix.lower() not in TEXT_SUFFIXES:
+        return
+    with file.open("rb") as handle:
+        for number, line in enumerate(handle, 1):  # no UTF-8 sequence holds a newline byte: lines decode alone
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                start = max(0, error.start - 15)
+                nearby = line[start:error.start + 15].decode("latin-1").strip()
+                converted = file.with_name(f"{file.stem}.utf8{file.suffix}")
+                raise DataError(
+                    f"{file}: line {number} is not UTF-8 (byte 0x{line[error.start]:02x} at byte {error.start + 1} "
+                    f"of the line, in {nearby!r} as Latin-1 reads it); data files must be UTF-8. Convert it once, "
+                    f"e.g. from Latin-1 or Windows-1252: iconv -f cp1252 -t utf-8 {file} > {converted}") from None
 
 
 def _explain_load_error(path: str, error: Exception) -> str:

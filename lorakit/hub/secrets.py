@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
+
+import yaml
 
 from lorakit.errors import LorakitError
 from lorakit.hub import card
@@ -12,8 +15,9 @@ from lorakit.hub.selection import SAFETENSORS_HEADER_LIMIT, Plan
 from lorakit.training import run_dir
 from lorakit.recipe.sections import SECRET_KEY_PATTERN
 
-# A Hugging Face access token, wherever it hides; checked besides the token values known to this process.
-TOKEN_PATTERN = re.compile(rb"\bhf_[A-Za-z0-9]{30,}\b")
+# A Hugging Face access token, wherever it hides; checked besides the token values known to this process. No word
+# boundary: in a file, a token can follow any character (JSON writes "login:\nhf_..." with a letter before it).
+TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{30,}")
 # Recipe keys that hold a tokenizer's special token, not a credential, although they end in "token".
 SPECIAL_TOKEN_KEY = re.compile(r"^(bos|eos|pad|unk|sep|cls|mask|additional_special)_tokens?$")
 
@@ -80,17 +84,57 @@ def credential_values(value, path: str = "") -> list[tuple[str, str]]:
 
 
 def check_no_secrets(plan: Plan, message: str, secrets: dict[str, str]) -> None:
-    """Refuse the push if any text that would go up holds a known secret or anything shaped like a Hub token."""
-    texts = [(f"{name} in {plan.folder}", scannable_bytes(path)) for name, path, _ in plan.files]
-    texts += [(f"the model card (README.md, {plan.card_origin})", plan.readme), ("--commit-message", message.encode())]
-    for where, data in texts:
-        for value, source in secrets.items():
-            if value.encode() in data:
-                raise LorakitError(f"{where} contains {source}; nothing was uploaded. Remove it (lorakit writes "
-                                   "<redacted> in its place) and push again.")
-        if TOKEN_PATTERN.search(data):
-            raise LorakitError(f"{where} contains something shaped like a Hugging Face token (hf_...); nothing was "
-                               "uploaded. Remove it and push again.")
+    """Refuse the push if any text that would go up holds a known secret or anything shaped like a Hub token.
+
+    Every uploaded file is scanned as it is written and, where it is JSON or YAML, as its decoded strings too:
+    an escape (`\n`, `\u0068f_...`) hides a token from the raw bytes but not from whoever reads the file.
+    The refusal names the file and where the secret comes from, never the secret itself.
+    """
+    texts = [(f"{name} in {plan.folder}", path.name, scannable_bytes(path)) for name, path, _ in plan.files]
+    texts += [(f"the model card (README.md, {plan.card_origin})", "README.md", plan.readme),
+              ("--commit-message", "", message.encode())]
+    for where, name, data in texts:
+        for text in readings(name, data):
+            for value, source in secrets.items():
+                if value in text:
+                    raise LorakitError(f"{where} contains {source}; nothing was uploaded. Remove it (lorakit "
+                                       "writes <redacted> in its place) and push again.")
+            if TOKEN_PATTERN.search(text):
+                raise LorakitError(f"{where} contains something shaped like a Hugging Face token (hf_...); nothing "
+                                   "was uploaded. Remove it and push again.")
+
+
+def readings(name: str, data: bytes) -> list[str]:
+    """The ways a file's text can be read: as written, and each string of it once JSON or YAML escapes are decoded."""
+    text = data.decode("utf-8", errors="replace")
+    found = [text]
+    decoded = None
+    if name.endswith((".json", ".safetensors")):
+        try:
+            decoded = json.loads(text)
+        except ValueError:
+            decoded = None
+    elif name.endswith((".yaml", ".yml")):
+        try:
+            decoded = yaml.safe_load(text)
+        except yaml.YAMLError:
+            decoded = None
+    if decoded is not None:
+        found.append("\0".join(strings_in(decoded)))  # one text to search; neither a token nor a secret holds NUL
+    return found
+
+
+def strings_in(value):
+    """Every string in decoded JSON or YAML, keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from strings_in(key)
+            yield from strings_in(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from strings_in(item)
 
 
 def scannable_bytes(path: Path) -> bytes:

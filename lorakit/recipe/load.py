@@ -24,16 +24,25 @@ class LineMap:
 
     def __init__(self, node: yaml.Node | None):
         self.lines: dict[tuple, int] = {}
+        # (path, first line, line of the repeat): YAML itself keeps the last value without a word.
+        self.duplicates: list[tuple[tuple, int, int]] = []
         if node is not None:
             self._walk(node, ())
 
     def _walk(self, node: yaml.Node, path: tuple) -> None:
         self.lines[path] = node.start_mark.line + 1
         if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
             for key_node, value_node in node.value:
                 child = path + (key_node.value,)
+                line = key_node.start_mark.line + 1
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else id(key_node)
+                if key in seen:
+                    self.duplicates.append((child, seen[key], line))
+                else:
+                    seen[key] = line
                 self._walk(value_node, child)
-                self.lines[child] = key_node.start_mark.line + 1
+                self.lines[child] = line  # the value YAML keeps is the last one written
         elif isinstance(node, yaml.SequenceNode):
             for index, item in enumerate(node.value):
                 self._walk(item, path + (index,))
@@ -122,4 +131,29 @@ def load_recipe(file: str | os.PathLike, overrides: typing.Sequence[str] = (), c
         overridden.add(tuple(parts))
     from lorakit.recipe.validation import Validator
 
-    return Validator(file, lines, overridden, check_paths, command).validate(data)
+    duplicates = duplicate_problems(lines)
+    try:
+        recipe = Validator(file, lines, overridden, check_paths, command).validate(data)
+    except RecipeError as error:
+        raise RecipeError(file, duplicates + error.problems) from None
+    if duplicates:
+        raise RecipeError(file, duplicates)
+    return recipe
+
+
+def duplicate_problems(lines: LineMap) -> list[Problem]:
+    """A key written twice in one mapping: the user meant one of the two, and YAML would silently take the last."""
+    problems = []
+    for path, first, again in lines.duplicates:
+        dotted = ".".join(str(p) for p in path)
+        problems.append(Problem(dotted, f"written twice, at lines {first} and {again}; YAML would silently keep the "
+                                        "second: keep only the one you mean", first))
+    return problems
+
+
+def line_of(file: str | os.PathLike, path: tuple) -> int | None:
+    """The line where a recipe file sets `path` (for problems found after loading, such as a model's modules)."""
+    try:
+        return read_yaml(Path(file))[1].get(path)
+    except RecipeError:
+        return None

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import difflib
 import enum
+import math
 import types
 import typing
 from typing import Any
 
 _NoneType = type(None)
+
+
+NOT_FINITE = "finite number"
 
 
 class Invalid(Exception):
@@ -75,8 +79,9 @@ def coerce(value: Any, annotation: Any) -> Any:
                 return coerce(value, member)
             except Invalid as error:
                 errors.append(error)
-        enum_errors = [e for e in errors if "did you mean" in str(e)]
-        raise enum_errors[0] if enum_errors else Invalid(f"must be {describe(annotation)}, not {_show(value)}")
+        # The most telling reason wins: a suggested spelling, or a number that is there but not finite.
+        telling = [e for e in errors if "did you mean" in str(e) or NOT_FINITE in str(e)]
+        raise telling[0] if telling else Invalid(f"must be {describe(annotation)}, not {_show(value)}")
     if origin is typing.Literal:
         choices = typing.get_args(annotation)
         if value in choices:
@@ -115,14 +120,21 @@ def coerce(value: Any, annotation: Any) -> Any:
             return int(value)
         raise Invalid(f"must be an integer, not {_show(value)}")
     if annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise Invalid(f"must be a number, not {_show(value)}")
+        if number is None:
+            raise Invalid(f"must be a number, not {_show(value)}")
+        # YAML spells them .nan and .inf; no setting means anything with them (torch's optimizers crash on a NaN
+        # learning rate deep inside a step), so they are refused wherever a number goes.
+        if not math.isfinite(number):
+            raise Invalid(f"must be a {NOT_FINITE}, not {_show(value)}")
+        return number
     if annotation is str:
         if isinstance(value, str):
             return value
