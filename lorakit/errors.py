@@ -12,6 +12,7 @@ from dataclasses import dataclass
 USAGE = 2  # a mistake in the recipe, the data or the command line
 EXIT_DIVERGED = 3
 EXIT_OUT_OF_MEMORY = 4
+EXIT_DISK_FULL = 5
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL, "try again later": schedulers can requeue on it, and the rerun resumes
 
 
@@ -69,6 +70,16 @@ class TrainingDiverged(LorakitError):
     """The loss, a gradient or a weight became NaN or infinite."""
 
     code = EXIT_DIVERGED
+
+
+class TrainingStalled(TrainingDiverged):
+    """Training stopped learning: a gradient norm of exactly 0, or a loss that no longer moves, step after step."""
+
+
+class DiskFull(LorakitError):
+    """The disk filled up while the run wrote to it; the last complete checkpoint is kept."""
+
+    code = EXIT_DISK_FULL
 
 
 class OutOfMemory(LorakitError):
