@@ -100,6 +100,12 @@ class MergeCheckError(LorakitError):
     code = 1
 
 
+class ExportCheckError(LorakitError):
+    """An exported model (GGUF, Ollama, vLLM) does not answer like the model it was exported from."""
+
+    code = 1
+
+
 class HubError(LorakitError):
     """The Hub could not be reached or refused a request; the local folder is never changed."""
 
