@@ -116,7 +116,11 @@ class Validator:
     def validate(self, data: dict) -> Recipe:
         known = TOP_LEVEL + tuple(self.own_sections)
         for key in data:
-            if key not in known:
+            if key == "sweep":  # lorakit sweep's section (lorakit/sweep/); a training command trains one recipe
+                self.problem((key,), "is read by `lorakit sweep`, which trains this recipe once per trial with "
+                             "the values it searches; run `lorakit sweep` on this file, or remove the section to "
+                             "train it once as written")
+            elif key not in known:
                 suggestion = closest(str(key), known)
                 hint = f"; did you mean {suggestion}?" if suggestion else f"; sections are {', '.join(known)}"
                 self.problem((key,), f"unknown section{hint}")
