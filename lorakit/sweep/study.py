@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,16 +53,24 @@ def open_storage(url: str | None, folder: Path) -> Any:
         path = Path(url).expanduser().absolute() if url else folder / JOURNAL_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
-    try:
-        return optuna.storages.RDBStorage(with_driver(url), heartbeat_interval=HEARTBEAT_SECONDS,
-                                          grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=retry)
-    except ModuleNotFoundError as error:
-        raise LorakitError(f"--storage {describe_storage(url, folder)}: the database driver {error.name} is not "
-                           "installed") from None
-    except Exception as error:  # sqlalchemy's errors: unreachable server, refused login, unknown database
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise LorakitError(f"--storage {describe_storage(url, folder)}: cannot open the study's database: "
-                           f"{first}") from None
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: "experimental"
+                return optuna.storages.RDBStorage(with_driver(url), heartbeat_interval=HEARTBEAT_SECONDS,
+                                                  grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=retry)
+        except ModuleNotFoundError as error:
+            raise LorakitError(f"--storage {describe_storage(url, folder)}: the database driver {error.name} is not "
+                               "installed") from None
+        except Exception as error:  # sqlalchemy's: unreachable server, refused login, unknown database
+            # Workers started together on an empty database race to create Optuna's tables; the loser retries
+            # and finds them made.
+            if type(error).__name__ == "IntegrityError" and attempt < 2:
+                time.sleep(1 + attempt)
+                continue
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise LorakitError(f"--storage {describe_storage(url, folder)}: cannot open the study's database: "
+                               f"{first}") from None
 
 
 def with_driver(url: str) -> str:
