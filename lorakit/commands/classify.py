@@ -1,0 +1,165 @@
+"""`lorakit classify`: adapt a pretrained model to a labelling task (classification, multi-label, regression) with a
+new head, LoRA (or the head alone) and transformers' Trainer.
+
+recipe -> tokenizer -> rows of text + label (lorakit.data.classification) -> the base with a new head
+(lorakit.models.classifier) -> TrainingArguments + Trainer, evaluated with accuracy/F1 (or MSE/correlations) and
+keeping the best adapter, handed to the shared run lifecycle (lorakit.training.lifecycle).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lorakit.commands.training_options import (
+    relaunch_if_distributed,
+    run_options,
+    training_command,
+)
+from lorakit.recipe.load import load_recipe
+from lorakit.recipe.sections import Recipe
+
+
+@training_command
+def command(recipe: str, overrides: tuple[str, ...], **options: Any) -> None:
+    """Train a classifier (or regressor) head with LoRA as RECIPE's task section describes."""
+    settings = load_recipe(recipe, overrides, command="classify").launch
+    relaunch_if_distributed("classify", recipe, overrides, settings, options)
+    run_classify(recipe, overrides, **run_options(options))
+
+
+def run_classify(recipe_path: str, overrides: tuple[str, ...] = (), *, output_dir: str | None = None,
+                 overwrite: bool = False, no_resume: bool = False, resume_changed: bool = False,
+                 device: str | None = None) -> Path:
+    from lorakit.training import lifecycle
+
+    return lifecycle.run_recipe("classify", recipe_path, overrides, build_classify, output_dir=output_dir,
+                                overwrite=overwrite, no_resume=no_resume, resume_changed=resume_changed, device=device)
+
+
+def build_classify(context) -> Any:
+    """Tokenizer, labelled rows, the base with its new head, and a Trainer: what `lorakit classify` trains."""
+    from transformers import DataCollatorWithPadding, Trainer
+
+    from lorakit.data.classification import (
+        balanced_weights,
+        prepare_classification_data,
+    )
+    from lorakit.evaluation.classification import trainer_metrics
+    from lorakit.models import classifier
+    from lorakit.training.lifecycle import Built
+
+    recipe, placement = context.recipe, context.placement
+    task = recipe.sections["task"]
+    click.echo(f"lorakit: loading tokenizer of {recipe.model['name_or_path']}")
+    tokenizer = classifier.load_classifier_tokenizer(recipe.model)
+    click.echo("lorakit: preparing data")
+    data = prepare_classification_data(recipe.data, task, tokenizer, recipe.training.get("seed", 42))
+    args = build_training_arguments(recipe, placement, data.eval is not None)
+    click.echo(f"lorakit: loading model on {placement.device} ({placement.dtype}) with a new {data.labels.type} "
+               f"head of {data.labels.num_labels} output{'s' if data.labels.num_labels != 1 else ''}")
+    base, head = classifier.load_classifier(recipe, placement, data.labels, tokenizer,
+                                            gradient_checkpointing=bool(args.activation_checkpointing))
+    if args.activation_checkpointing:
+        base.enable_input_require_grads()  # checkpointed blocks need an input that requires grad to backpropagate
+    model = classifier.build_trainable_model(base, recipe.lora, head, task["head_only"])
+    loss = None
+    if task["class_weights"] == "balanced":
+        loss = classifier.weighted_loss(balanced_weights(data.reports["train"], data.labels), data.labels.type)
+    trainer = Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                      processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+                      compute_metrics=trainer_metrics(data.labels.type, data.labels.names) if data.eval else None,
+                      compute_loss_func=loss, callbacks=context.callbacks)
+    record = classifier.task_record(data.labels, task, tokenizer.pad_token_id)
+
+    def save(trainer, out: Path) -> None:
+        classifier.save_classifier(trainer, tokenizer, record, out)
+
+    return Built(trainer=trainer, tokenizer=tokenizer, has_eval=data.eval is not None, save=save,
+                 summary=[*classifier.trainable_rows(model, head, task["head_only"]),
+                          *task_rows(data, task, args, recipe)],
+                 record={"task": record, "data": {split: report.to_dict() for split, report in data.reports.items()}})
+
+
+def task_rows(data, task: dict, args, recipe: Recipe) -> list[tuple[str, str]]:
+    """Summary rows: the labels and their counts (class imbalance shows), what was left out, how the best is kept."""
+    labels = data.labels
+    rows = []
+    for split, report in data.reports.items():
+        if labels.type == "regression":
+            scores = report.scores
+            text = f"{report.rows:,} rows; {task['label_column']} {scores['min']:.4g} to {scores['max']:.4g}, " \
+                   f"mean {scores['mean']:.4g}"
+        else:
+            counts = sorted(report.label_counts.items(), key=lambda item: -item[1])
+            top = counts[0][1] / max(report.rows, 1)
+            shown = ", ".join(f"{name} {count:,}" for name, count in counts[:12])
+            more = f", ... {len(counts) - 12} more" if len(counts) > 12 else ""
+            text = f"{report.rows:,} rows ({report.tokens:,} tokens): {shown}{more}; largest class {top:.1%}"
+            absent = [name for name, count in counts if count == 0]
+            if absent and split == "train":
+                text += f"; no rows of {', '.join(absent[:5])}"
+        rows.append((f"{split} data", text))
+        cut = []
+        if report.dropped_bad_label:
+            cut.append(f"{report.dropped_bad_label} dropped for their label (task.bad_labels: drop), e.g. "
+                       + report.dropped_examples[0])
+        if report.truncated:
+            cut.append(f"{report.truncated} truncated to {recipe.data['max_length']} tokens")
+        if report.dropped_too_long:
+            cut.append(f"{report.dropped_too_long} dropped as longer than {recipe.data['max_length']} tokens")
+        rows += [("", text) for text in cut]
+    rows.append(("task", f"{labels.type}, {labels.num_labels} label{'s' if labels.num_labels != 1 else ''}"
+                         + (", class weights balanced" if task["class_weights"] else "")))
+    if args.load_best_model_at_end:
+        every = f"{args.eval_steps:.0%} of the steps" if args.eval_steps < 1 else f"{args.eval_steps:g} steps"
+        rows.append(("best", f"the adapter with the best {args.metric_for_best_model} on eval data is kept "
+                             f"(evaluated every {every})"))
+    return rows
+
+
+def build_training_arguments(recipe: Recipe, placement, has_eval: bool) -> Any:
+    """transformers.TrainingArguments from the recipe's training section plus what lorakit decides here."""
+    from transformers import TrainingArguments
+
+    from lorakit.errors import LorakitError
+    from lorakit.evaluation.classification import DEFAULT_METRIC, LOWER_IS_BETTER
+
+    settings = dict(recipe.training)
+    on_gpu = placement.device in ("cuda", "xpu")
+    if placement.device == "cpu":
+        settings["use_cpu"] = True
+    if not recipe.quantization:
+        settings.setdefault("bf16", placement.dtype == "bfloat16" and on_gpu)
+        settings.setdefault("fp16", placement.dtype == "float16" and on_gpu)
+    else:
+        settings.setdefault("bf16", placement.dtype == "bfloat16")
+        settings.setdefault("fp16", False)
+    # As for sft: checkpointing saves activation memory on GPUs; on CPU memory is rarely the limit and it is slow.
+    alias = settings.pop("gradient_checkpointing", None)
+    settings.setdefault("activation_checkpointing", on_gpu if alias is None else alias)
+    settings.setdefault("train_sampling_strategy", "group_by_length")  # batches of similar lengths: little padding
+    settings["label_names"] = ["labels"]  # a PeftModel's forward does not name them for the Trainer to find
+    if has_eval:
+        settings.setdefault("eval_strategy", "steps")
+        settings.setdefault("eval_steps", 0.1 if recipe.early_stopping else 0.2)
+        metric = settings.get("metric_for_best_model") or DEFAULT_METRIC[recipe.sections["task"]["type"]]
+        settings["metric_for_best_model"] = metric
+        settings.setdefault("greater_is_better", metric.removeprefix("eval_") not in LOWER_IS_BETTER)
+        # The adapter saved at the end is the best one evaluated, not the last (early stopping needs it too).
+        settings["load_best_model_at_end"] = bool(recipe.early_stopping) or settings.get("load_best_model_at_end",
+                                                                                          True)
+        if settings["load_best_model_at_end"]:
+            settings.setdefault("save_strategy", settings["eval_strategy"])
+            settings.setdefault("save_steps", settings["eval_steps"])
+    settings.setdefault("per_device_eval_batch_size", settings.get("per_device_train_batch_size", 8))
+    settings.pop("save_total_limit", None)  # lorakit prunes complete checkpoints itself, the best one kept
+    settings.pop("auto_find_batch_size", None)  # lorakit's own retry keeps the global batch
+    settings.setdefault("logging_nan_inf_filter", False)  # a NaN loss is a failure to report
+    settings.setdefault("ddp_find_unused_parameters", False)
+    try:
+        return TrainingArguments(**settings)
+    except ValueError as error:  # combinations TrainingArguments refuses (save and eval steps that do not line up)
+        raise LorakitError(f"training: {str(error).strip().splitlines()[0]}") from None
