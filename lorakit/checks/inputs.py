@@ -70,6 +70,9 @@ def load_model_config(recipe: Recipe, findings: Findings, report_failure: bool =
     text = config.get_text_config()
     findings.ok(f"model config: {config.model_type}, {text.num_hidden_layers} layers, hidden {text.hidden_size}, "
                 f"vocabulary {text.vocab_size:,} (weights not loaded)")
+    from lorakit.checks.modules import check_target_modules
+
+    check_target_modules(recipe, config)  # targets that match nothing: a recipe error (exit 2), as for sft
     return config
 
 

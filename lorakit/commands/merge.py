@@ -20,11 +20,14 @@ from lorakit.models.merge import merge_run
 @click.option("--device", type=click.Choice(["cpu", "cuda", "mps", "xpu"]), default="cpu", show_default=True,
               help="Where to merge. cpu needs RAM for about one copy of the model in --dtype; --device cuda is "
                    "faster and needs that much GPU memory instead.")
-def command(run_dir: str, output: str | None, base: str | None, dtype: str, device: str) -> None:
+@click.option("--into", type=click.Choice(["original", "dequantized"]), default=None,
+              help="For a QLoRA run: merge into the dequantized 4-bit weights the adapter was trained against "
+                   "(the default, which scored better: docs/merge.md), or into the base's original weights.")
+def command(run_dir: str, output: str | None, base: str | None, dtype: str, device: str, into: str | None) -> None:
     """Merge the LoRA adapter of RUN_DIR into its base model and write a standalone model folder.
 
     The result loads with AutoModelForCausalLM.from_pretrained(OUTPUT), without peft. A QLoRA run is merged
-    into the base in 16/32-bit, never into 4-bit weights. The merged model is checked against base + adapter
+    into 16/32-bit weights, never into 4-bit ones. The merged model is checked against base + adapter
     before the folder is put in place; the figures are kept in OUTPUT/lorakit_merge.json.
     """
-    merge_run(run_dir, output=output, base=base, dtype=dtype, device=device)
+    merge_run(run_dir, output=output, base=base, dtype=dtype, device=device, into=into)

@@ -80,6 +80,8 @@ def validate(recipe_path: str, overrides: tuple[str, ...] = (), *, samples: int 
     findings = Findings()
     click.secho(f"lorakit validate {recipe_path}", bold=True)
     findings.ok("recipe: valid (the checks lorakit sft makes)")
+    for warning in recipe.warnings:
+        findings.warning(f"recipe: {warning}")
     check_output_dir(recipe.output_dir, findings)
 
     tokenizer = load_training_tokenizer(recipe, findings)

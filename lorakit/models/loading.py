@@ -241,11 +241,36 @@ def load_model(model_section: dict, quantization: dict | None, placement: Placem
         model = AutoModelForCausalLM.from_pretrained(model_section["name_or_path"], **kwargs)
     except OSError as error:
         raise _load_error("model", model_section, error) from None
+    if quantization_config is not None and placement.device == "cpu":
+        keep_unpacked_where_packing_fails(model)
     if quantization_config is not None and not fsdp:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     return model
+
+
+# bitsandbytes (0.49, 0.50) repacks a 4-bit layer's weights for its AVX512-BF16 CPU kernel the first time the layer
+# runs in eval mode without gradients, on CPUs that have that instruction set. The repacking takes only layers whose
+# output width is a multiple of 32 (else: AssertionError "N must be divisible by block_n") and whose input width is
+# a multiple of the quantization block, 64 (else: RuntimeError "shape '[256, 10]' is invalid..." from its absmax
+# reshape): the quickstart model's 688-wide MLP fails both ways, so evaluation and generation of such a QLoRA model
+# crash there. Training never takes that path.
+PACKED_CPU_BLOCK = 32
+
+
+def keep_unpacked_where_packing_fails(model) -> int:
+    """Send the 4-bit layers the packed CPU kernel cannot take through bitsandbytes' unpacked path (the one
+    training uses); the others keep the packed kernel, which is several times faster. Returns how many."""
+    count = 0
+    for module in model.modules():
+        if not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        blocksize = getattr(getattr(module.weight, "quant_state", None), "blocksize", None) or 64
+        if module.out_features % PACKED_CPU_BLOCK or module.in_features % blocksize:
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
 
 
 def _local_device(device: str) -> Any:

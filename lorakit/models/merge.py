@@ -1,7 +1,9 @@
 """Merging a run's LoRA adapter into its base model: a standalone model folder, checked by its logits.
 
 The base is loaded in 16/32-bit, also for a QLoRA run: merging into 4-bit weights would round the update into the
-4-bit grid, the known cause of merged QLoRA models losing quality. Every merge then checks itself: the folder it
+4-bit grid, the known cause of merged QLoRA models losing quality. A QLoRA adapter goes by default into the
+dequantized 4-bit weights it was trained against, or with --into original into the unrounded ones
+(lorakit.models.quantized_base; docs/merge.md has the measurement). Every merge then checks itself: the folder it
 wrote is loaded back with plain transformers and its logits are compared with base + adapter on fixed prompts.
 The folder is written under a temporary name beside the destination and renamed into place only once the check
 passes, so a failed or interrupted merge leaves nothing half-written.
@@ -47,10 +49,11 @@ MERGE_RECORD = "lorakit_merge.json"
 
 
 def merge_run(run_dir: str | os.PathLike, *, output: str | os.PathLike | None = None, base: str | None = None,
-              dtype: str = "auto", device: str = "cpu") -> Path:
-    from lorakit.models.loading import quiet_upstream_logs
+              dtype: str = "auto", device: str = "cpu", into: str | None = None) -> Path:
     from lorakit.models.inference import resolve_target
-    from lorakit.models.loading import load_tokenizer
+    from lorakit.models.loading import quiet_upstream_logs
+    from lorakit.models.quantized_base import choose_into
+    from lorakit.training.folder_lock import hold_lock
 
     quiet_upstream_logs()
     run = Path(run_dir)
@@ -62,6 +65,15 @@ def merge_run(run_dir: str | os.PathLike, *, output: str | os.PathLike | None = 
     out = Path(output) if output else run.parent / f"{run.resolve().name}-merged"
     check_output_folder(out)
     target = resolve_target(str(run))
+    into = choose_into(into, target.quantization)
+    with hold_lock(out, "lorakit merge"):  # a second merge into the same folder is refused, not interleaved
+        check_output_folder(out)  # again, now that no one else can be writing it
+        return merge_locked(run, out, target, base, dtype, device, into)
+
+
+def merge_locked(run: Path, out: Path, target, base: str | None, dtype: str, device: str, into: str) -> Path:
+    from lorakit.models.loading import load_tokenizer
+
     section = dict(target.model_section)
     if base:
         local = Path(base).expanduser()
@@ -75,13 +87,15 @@ def merge_run(run_dir: str | os.PathLike, *, output: str | os.PathLike | None = 
     check_adapter_fits(run, target, section, base_config, tokenizer)
     placement = merge_placement(dtype, device, base_config)
     click.echo(f"  loading the base on {placement.device} in {placement.dtype}"
-               + (" (not 4-bit: the adapter is merged into full-precision weights)" if target.quantization else ""))
+               + {"original": " (not 4-bit: its original weights)" if target.quantization else "",
+                  "dequantized": " (its 4-bit weights as training saw them, dequantized)"}[into])
 
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     started = time.time()
     try:
         prompts = [chat_prompt(tokenizer, messages) for messages in CHECK_PROMPTS]
-        merged, reference, base_logits = merge_in_memory(run, section, placement, prompts)
+        quantization = target.quantization if into == "dequantized" else None
+        merged, reference, base_logits = merge_in_memory(run, section, placement, prompts, quantization)
         write_model_folder(merged, tokenizer, partial)
         del merged
         gc.collect()
@@ -105,6 +119,7 @@ def merge_run(run_dir: str | os.PathLike, *, output: str | os.PathLike | None = 
             training_check = compare_with_training_model(target, section, device, prompts, merged_logits)
 
         record = merge_record(run, target, section, placement, check, training_check, time.time() - started)
+        record["into"] = into
         (partial / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         if out.exists():
             out.rmdir()  # checked empty above; a folder cannot be renamed onto one that exists
@@ -240,12 +255,18 @@ def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
     return chat_prompt_ids(tokenizer, messages)
 
 
-def merge_in_memory(run: Path, section: dict, placement, prompts: list[list[int]]) -> tuple[Any, list, list]:
-    """(merged model, base + adapter logits, base logits on the prompts); one copy of the weights is ever held."""
+def merge_in_memory(run: Path, section: dict, placement, prompts: list[list[int]],
+                    dequantize: dict | None = None) -> tuple[Any, list, list]:
+    """(merged model, base + adapter logits, base logits on the prompts); one copy of the weights is ever held.
+    `dequantize`: the run's quantization section, to merge into the dequantized 4-bit weights."""
     from lorakit.models.inference import attach_adapter
     from lorakit.models.loading import load_model
+    from lorakit.models.quantized_base import load_dequantized_base
 
-    base = load_model(section, None, placement)
+    if dequantize:
+        base = load_dequantized_base(section, dequantize, placement)
+    else:
+        base = load_model(section, None, placement)
     model = attach_adapter(base, run, section["name_or_path"])
     model.eval()
     reference = [logits_of(model, ids) for ids in prompts]
@@ -334,13 +355,13 @@ def compare_with_training_model(target, section: dict, device: str, prompts: lis
     training_placement = choose_placement({**target.model_section, "device": device})
     try:
         base = load_model(section, target.quantization, training_placement)
-    except (ImportError, RuntimeError, ValueError, OSError) as error:
+        model = attach_adapter(base, target.adapter_path, section["name_or_path"])
+        model.eval()
+        training_logits = [logits_of(model, ids) for ids in prompts]
+    except Exception as error:  # for information only, never a failed merge: bitsandbytes' assertions included
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         click.echo(f"  (not compared with the 4-bit training-time model: {message})")
         return {"measured": False, "reason": message}
-    model = attach_adapter(base, target.adapter_path, section["name_or_path"])
-    model.eval()
-    training_logits = [logits_of(model, ids) for ids in prompts]
     del model, base
     gc.collect()
     figures = compare_logits(training_logits, merged_logits)

@@ -220,6 +220,7 @@ class Recipe:
     file: Path | None = None
     command: str = "sft"  # the training command the recipe was checked for (its `training:` class)
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)  # that command's own sections
+    warnings: list = field(default_factory=list)  # lorakit.errors.Problem: likely mistakes that do not stop a run
 
     def to_dict(self) -> dict[str, Any]:
         out = {"model": self.model}
@@ -244,7 +245,6 @@ class Recipe:
         """Hash of everything that decides the trained weights (not where they are written, nor logging)."""
         data = self.to_dict()
         for key in ("output_dir", "logging_dir", "logging_steps", "report_to", "run_name", "overwrite_output_dir",
-    warnings: list = field(default_factory=list)  # lorakit.errors.Problem: likely mistakes that do not stop a run
                     "push_to_hub", "hub_model_id", "hub_token", "disable_tqdm", "save_total_limit"):
             data["training"].pop(key, None)
         text = json.dumps(data, sort_keys=True, default=str)

@@ -4,6 +4,8 @@ Three trainer callbacks and the call that runs training:
 - `StopOnSignal`: the first SIGTERM/SIGINT saves a checkpoint at the next step boundary and stops (exit 75);
   a second one exits at once.
 - `StopOnDivergence`: a NaN or infinite loss, gradient norm or weight stops the run before it is saved.
+- `StopOnStall`: a gradient norm of exactly 0, or a logged loss that no longer moves, for `STALL_STEPS` steps
+  stops the run the same way: a dead run must not end "done" and be pushed.
 - `MarkCompleteCheckpoints`: a checkpoint counts for resuming only once lorakit's marker is written, after
   every other file of it; old checkpoints are pruned only after the new one is marked.
 - `train`: trainer.train(), turning a CUDA out-of-memory error into advice (or a retry with a smaller
@@ -24,7 +26,7 @@ import click
 
 from lorakit.training import run_dir
 from lorakit.errors import (EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OUT_OF_MEMORY, OutOfMemory,  # noqa: F401
-                            RunInterrupted, TrainingDiverged)
+                            RunInterrupted, TrainingDiverged, TrainingStalled)
 
 class Callback:
     """transformers.TrainerCallback's interface without importing transformers when lorakit starts.
@@ -153,6 +155,69 @@ class StopOnDivergence(Callback):
             "training.learning_rate 10x lower), fp16 overflow (prefer bf16), or broken rows in the data.")
 
 
+# ---------------------------------------------------------------- a run that stopped learning
+
+# Optimizer steps in a row with a gradient norm of exactly 0, or steps over which the logged loss has not changed,
+# after which a run counts as dead. A learning rate of 1e8 saturates a small model's activations at step 1: from
+# then on every gradient is exactly 0 and the loss sits at ln(vocabulary size), with nothing NaN to notice. A live
+# run never repeats its loss exactly over different batches, nor has a gradient of exactly 0 for 10 steps.
+STALL_STEPS = 10
+STALL_LOGS = 3  # logged losses, at least, before an unchanged loss counts
+STALL_LOSS_TOLERANCE = 1e-5  # relative: a dead model's loss still wobbles in float32's last digits
+
+
+class StopOnStall(Callback):
+    """Raise TrainingStalled when the gradient norm has been exactly 0, or the logged loss the same, for
+    `steps` steps in a row."""
+
+    def __init__(self, steps: int | None = None) -> None:
+        self.steps = steps or STALL_STEPS
+        self.zero_since: int | None = None  # first step of the current stretch of zero gradient norms
+        self.loss: float | None = None
+        self.loss_since: int | None = None  # step at which the logged loss took its current value
+        self.loss_logs = 0
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            return
+        norm = _gradient_norm(model)
+        if norm is None:  # gradients not visible to callbacks (DeepSpeed): the loss check remains
+            return
+        step = state.global_step + 1
+        if _on_any_process(norm != 0.0, args.device):
+            self.zero_since = None
+            return
+        self.zero_since = self.zero_since or step
+        if step - self.zero_since + 1 >= self.steps:
+            raise self.stalled(step, f"the gradient norm has been exactly 0 for {step - self.zero_since + 1} "
+                                     f"optimizer steps in a row (since step {self.zero_since})", args, model)
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if not isinstance(loss, (int, float)):
+            return
+        if self.loss is None or abs(loss - self.loss) > STALL_LOSS_TOLERANCE * max(1.0, abs(self.loss)):
+            self.loss, self.loss_since, self.loss_logs = loss, state.global_step, 1
+            return
+        self.loss_logs += 1
+        if self.loss_logs >= STALL_LOGS and state.global_step - self.loss_since >= self.steps:
+            raise self.stalled(state.global_step, f"the logged loss has stayed at {loss:.4f} since step "
+                                                  f"{self.loss_since} ({self.loss_logs} logs in a row)", args, model)
+
+    def stalled(self, step: int, what: str, args, model) -> TrainingStalled:
+        vocabulary = getattr(getattr(model, "config", None), "vocab_size", None)
+        uniform = ""
+        if self.loss is not None and vocabulary and abs(self.loss - math.log(vocabulary)) < 0.01:
+            uniform = (f"; the loss sits at {self.loss:.3f}, ln of the vocabulary size ({vocabulary}): the model "
+                       "gives every token the same probability")
+        return TrainingStalled(
+            f"training stalled at step {step}: {what}{uniform}. The model has stopped learning. Likely cause: a "
+            f"learning rate far too high (training.learning_rate is {args.learning_rate:g}; LoRA usually takes "
+            "1e-5 to 1e-2) saturated the model in its first steps; or the trained weights receive no gradient. "
+            "The output folder is marked failed, so push refuses it; its checkpoints hold the stalled adapter, so "
+            "start over with a lower learning rate (--no-resume --overwrite).")
+
+
 def _gradient_norm(model) -> float | None:
     """The global L2 norm of the trainable parameters' gradients, None when none are visible (DeepSpeed).
 
@@ -218,18 +283,23 @@ def train(trainer, resume_from: Path | None, recipe, *, retry_smaller_batch: boo
     from the last complete checkpoint, or from the start with the adapter's initial weights restored.
     """
     initial_weights = _trainable_weights(trainer.model) if retry_smaller_batch else None
-    while True:
-        try:
-            return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        except Exception as error:
-            if not is_out_of_memory(error):
-                raise
-            args = trainer.args
-            smaller = smaller_micro_batch(args.per_device_train_batch_size)
-            if initial_weights is None or smaller is None or args.world_size > 1:
-                raise OutOfMemory(out_of_memory_advice(recipe, trainer, trainer.state.global_step + 1)) from None
-        # Retried outside the except block, so the failed attempt's frames, and the tensors they hold, are freed.
-        resume_from = _shrink_micro_batch(trainer, smaller, initial_weights)
+    try:
+        while True:
+            try:
+                return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+                args = trainer.args
+                smaller = smaller_micro_batch(args.per_device_train_batch_size)
+                if initial_weights is None or smaller is None or args.world_size > 1:
+                    raise OutOfMemory(out_of_memory_advice(recipe, trainer, trainer.state.global_step + 1)) from None
+            # Retried outside the except block, so the failed attempt's frames and their tensors are freed.
+            resume_from = _shrink_micro_batch(trainer, smaller, initial_weights)
+    finally:
+        # What the run writes from here on (adapter, tokenizer, card, plot) goes into its manifest (run_dir).
+        if trainer.is_world_process_zero():
+            run_dir.mark_training_ended(trainer.args.output_dir)
 
 
 def is_out_of_memory(error: BaseException) -> bool:

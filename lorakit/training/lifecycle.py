@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import click
 
-from lorakit.errors import LorakitError, OutOfMemory, RunInterrupted, TrainingDiverged
+from lorakit.errors import LorakitError, OutOfMemory, RunInterrupted, TrainingDiverged, TrainingStalled
 from lorakit.recipe.sections import Recipe
 from lorakit.training import run_dir
 
@@ -79,7 +79,41 @@ def run(recipe: Recipe, build: Callable[[RunContext], Built], *, overwrite: bool
     """Train what `build` makes, with every guarantee of a lorakit run; return the output folder.
 
     `callbacks` are trainer callbacks of the caller's (a sweep's pruning, say), run after lorakit's guards.
+    Before anything is loaded: the output folder must be writable, the LoRA targets must exist in the model;
+    then the folder is locked for the whole run (a second run into it is refused), and a full disk ends the run
+    in one message with the last complete checkpoint kept.
     """
+    from contextlib import nullcontext
+
+    from lorakit.checks.modules import check_target_modules
+    from lorakit.training import disk
+    from lorakit.training.folder_lock import hold_lock
+
+    check_options(overwrite, no_resume)
+    refuse_unsafe_settings(recipe)
+    out = recipe.output_dir
+    disk.check_writable(out)
+    check_target_modules(recipe)
+    for warning in recipe.warnings:
+        click.echo(f"lorakit: warning: {warning}", err=True)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # the one process that locks, deletes and records
+    with hold_lock(out, f"lorakit {recipe.command}") if main_process else nullcontext():
+        try:
+            return run_locked(recipe, build, overwrite=overwrite, no_resume=no_resume, resume_changed=resume_changed,
+                              device=device, callbacks=callbacks)
+        except Exception as error:
+            full = disk.disk_full(error, out) if main_process else None
+            if full is None:
+                raise
+            raise full from None
+        finally:
+            if main_process:
+                run_dir.record_outputs(out)
+
+
+def run_locked(recipe: Recipe, build: Callable[[RunContext], Built], *, overwrite: bool, no_resume: bool,
+               resume_changed: bool, device: str | None, callbacks: tuple) -> Path:
+    """The run itself, with its output folder locked."""
     from lorakit.data import cache
     from lorakit.models.loading import choose_placement, count_parameters, quiet_upstream_logs
     from lorakit.training import guards
@@ -179,10 +213,15 @@ def refuse_unsafe_settings(recipe: Recipe) -> None:
 
 def find_resume_point(out: Path, main_process: bool = True) -> Path | None:
     """The newest complete checkpoint; checkpoints whose save was cut short are deleted (by the main process)."""
+    from lorakit.training import checkpoint_check
+
     if not main_process:
-        return run_dir.latest_complete_checkpoint(out)
+        return checkpoint_check.latest_sound_checkpoint(out)
     for name in run_dir.remove_incomplete_checkpoints(out):
         click.echo(f"lorakit: {name} was not completely saved (the run stopped while writing it): removed")
+    for name, damage in checkpoint_check.remove_damaged_checkpoints(out):
+        click.echo(f"lorakit: warning: {name} is damaged ({damage}): removed; falling back to the checkpoint "
+                   "before it", err=True)
     resume_from = run_dir.latest_complete_checkpoint(out)
     if resume_from is None:
         click.echo(f"lorakit: {out} holds an unfinished run without a complete checkpoint: starting from step 0")
@@ -207,7 +246,7 @@ def build_callbacks(recipe: Recipe, stop) -> list:
     then early stopping when the recipe asks."""
     from lorakit.training import guards
 
-    callbacks = [guards.StopOnDivergence(), stop,
+    callbacks = [guards.StopOnDivergence(), guards.StopOnStall(), stop,
                  guards.MarkCompleteCheckpoints(keep=recipe.training.get("save_total_limit"))]
     if recipe.early_stopping:
         from transformers import EarlyStoppingCallback
@@ -249,7 +288,7 @@ def new_record(recipe: Recipe, fingerprint, placement, command_record: dict, tra
 
 
 def describe_failure(error: BaseException) -> dict:
-    reasons = {TrainingDiverged: "diverged", OutOfMemory: "out of memory"}
+    reasons = {TrainingStalled: "stalled", TrainingDiverged: "diverged", OutOfMemory: "out of memory"}
     reason = next((text for kind, text in reasons.items() if isinstance(error, kind)), type(error).__name__)
     lines = str(error).strip().splitlines()
     return {"reason": reason, "message": lines[0][:500] if lines else reason}

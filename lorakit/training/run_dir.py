@@ -1,4 +1,5 @@
-"""The output folder of a run: guarding what is already there, the run record, checkpoints, reading a run back."""
+"""The output folder of a run: guarding what is already there, the run record, the list of files the run wrote,
+checkpoints (complete, verified), reading a run back."""
 
 from __future__ import annotations
 
@@ -14,12 +15,24 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import click
+
 from lorakit.errors import OutputDirError
 
 RECIPE_FILE = "lorakit_recipe.yaml"
 RECORD_FILE = "lorakit_run.json"
+# The top-level files and folders the run wrote, so --overwrite removes those and nothing of the user's.
+MANIFEST_FILE = "lorakit_files.json"
+# Always lorakit's: its own records, and the report `lorakit eval` writes into the run folder by default.
+OWN_FILES = (RECIPE_FILE, RECORD_FILE, MANIFEST_FILE, "lorakit_eval.json")
+# What a run folder written before the manifest existed holds: peft's adapter, the tokenizer, the loss plot.
+UNLISTED_RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                      "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
+                      "chat_template.jinja", "loss.png")
 # Written into a checkpoint folder after every other file of it is on disk; a checkpoint without it is never used.
 COMPLETE_MARKER = "lorakit_complete.json"
+# Written just before the marker: the sha256 of every file the marker lists, in `sha256sum -c` format.
+CHECKSUMS = COMPLETE_MARKER + ".sha256"
 LIBRARIES = ("lorakit", "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", "tokenizers")
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 
@@ -142,12 +155,17 @@ def mark_complete(checkpoint: Path, step: int) -> None:
     """Flush the checkpoint's files to disk, then write the marker (atomically): the marker is always the last write.
 
     The flush matters on preemptible machines that lose power rather than processes: without it, the marker could
-    reach the disk before the optimizer state it vouches for.
+    reach the disk before the optimizer state it vouches for. The checksums let a resume tell a checkpoint damaged
+    since (same size, other bytes) from a sound one (lorakit.training.checkpoint_check).
     """
-    files = {}
-    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER):
+    files, sums = {}, []
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and not p.name.startswith(COMPLETE_MARKER)):
         _fsync(path)
-        files[path.relative_to(checkpoint).as_posix()] = path.stat().st_size
+        name = path.relative_to(checkpoint).as_posix()
+        files[name] = path.stat().st_size
+        sums.append(f"{sha256_of(path)}  {name}\n")  # read back from the page cache just written: cheap for LoRA
+    (checkpoint / CHECKSUMS).write_text("".join(sums), encoding="utf-8")
+    _fsync(checkpoint / CHECKSUMS)
     marker = checkpoint / COMPLETE_MARKER
     tmp = checkpoint / (COMPLETE_MARKER + ".tmp")
     tmp.write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n", encoding="utf-8")
@@ -191,6 +209,14 @@ def remove_checkpoints(folder: str | os.PathLike) -> None:
         shutil.rmtree(checkpoint)
 
 
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _fsync(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -227,6 +253,8 @@ def prepare_output_dir(folder: Path, fingerprint: Fingerprint, overwrite: bool =
             f"output folder {folder} is not empty and is not a lorakit run; nothing was changed. "
             "Choose another --output-dir (lorakit never deletes files it did not write).")
     same = record.get("fingerprint") == fingerprint.value
+    if overwrite or no_resume:
+        refuse_data_inside(folder, fingerprint)
     if record.get("status") == COMPLETED:
         if overwrite:
             return "overwrite"
@@ -259,10 +287,83 @@ def describe_change(record: dict[str, Any], fingerprint: Fingerprint) -> str:
     return " and ".join(changed) or "a different recipe or data"
 
 
+def refuse_data_inside(folder: Path, fingerprint: Fingerprint) -> None:
+    """--overwrite replaces a run folder: never one the recipe reads its own data from."""
+    root = folder.resolve()
+    for source in fingerprint.data:
+        path = Path(source)
+        if path.exists() and path.resolve().is_relative_to(root):
+            raise OutputDirError(
+                f"the recipe's data {path} lies inside the output folder {folder}, which --overwrite would replace; "
+                "nothing was changed. Move the data out of the run folder, or choose another --output-dir.")
+
+
 def clear_run(folder: Path) -> None:
-    """Remove a previous lorakit run's files (only called for a folder holding a run record)."""
-    for entry in folder.iterdir():
+    """Remove what an earlier lorakit run wrote into `folder` (listed in its manifest, else lorakit's known names,
+    and checkpoints), saying what goes and what stays: anything else in the folder is the user's and is kept."""
+    listed = run_files(folder)
+    removed, kept = [], []
+    for entry in sorted(folder.iterdir()):
+        ours = entry.name in listed or (CHECKPOINT_NAME.fullmatch(entry.name) and entry.is_dir())
+        (removed if ours else kept).append(entry.name + ("/" if entry.is_dir() and not entry.is_symlink() else ""))
+        if not ours:
+            continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
         else:
             entry.unlink()
+    click.echo(f"lorakit: --overwrite: removed the earlier run's files from {folder}: {', '.join(removed) or 'none'}")
+    if kept:
+        click.echo(f"lorakit: kept, as lorakit did not write them: {', '.join(kept)}")
+
+
+def run_files(folder: Path) -> set[str]:
+    """The top-level names a run wrote into `folder`: its manifest, else (an older run) lorakit's known names."""
+    try:
+        listed = set(json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = set(UNLISTED_RUN_FILES)
+    return listed | set(OWN_FILES)
+
+
+# What the folder held when training ended: what appears after that (adapter, tokenizer, card, plot) is the run's.
+_at_training_end: dict[Path, dict[str, int]] = {}
+
+
+def folder_state(folder: str | os.PathLike) -> dict[str, int]:
+    """{top-level name: modification time} of a folder's entries."""
+    try:
+        return {entry.name: entry.stat(follow_symlinks=False).st_mtime_ns for entry in Path(folder).iterdir()}
+    except OSError:
+        return {}
+
+
+def mark_training_ended(folder: str | os.PathLike) -> None:
+    _at_training_end[Path(folder).absolute()] = folder_state(folder)
+
+
+def record_outputs(folder: str | os.PathLike) -> None:
+    """Add to the manifest what the run wrote once training had ended: new or rewritten entries since then.
+
+    Only that stretch counts: during training lorakit writes its records and checkpoints (known by name) and
+    nothing else, so a file the user drops into the folder while it trains is never taken for the run's.
+    """
+    folder = Path(folder)
+    before = _at_training_end.pop(folder.absolute(), None)
+    if not folder.is_dir():
+        return
+    written = set(OWN_FILES)
+    if before is not None:
+        written |= {name for name, changed in folder_state(folder).items()
+                    if before.get(name) != changed and not CHECKPOINT_NAME.fullmatch(name)}
+    try:
+        listed = set(json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = set()
+    path = folder / MANIFEST_FILE
+    tmp = path.with_suffix(".json.tmp")
+    try:
+        tmp.write_text(json.dumps({"files": sorted(listed | written)}, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:  # a full disk: the earlier manifest stays, and lorakit's own names are always known
+        tmp.unlink(missing_ok=True)

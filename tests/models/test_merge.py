@@ -123,7 +123,7 @@ def test_qlora_merge_goes_into_full_precision_weights(qlora_run, tiny_llama, tmp
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "merged"
-    result = merge(qlora_run, "--output", out)
+    result = merge(qlora_run, "--output", out, "--into", "original")  # the default, dequantized: test_qlora_merge.py
     assert result.exit_code == 0, result.output
 
     config = json.loads((out / "config.json").read_text())
