@@ -56,7 +56,10 @@ def command(recipe: str, overrides: tuple[str, ...], samples: int, gpu_memory: s
         raise ValidationFailed("\n".join(lines))
     note = f" ({len(findings.warnings)} warning{'s' if len(findings.warnings) != 1 else ''} above)" \
         if findings.warnings else ""
-    click.secho(f"lorakit validate: the run can start{note}: lorakit sft {recipe}", fg="green", bold=True)
+    from lorakit.sweep.recipes import has_sweep_section
+
+    runner = "sweep" if has_sweep_section(recipe) else "sft"
+    click.secho(f"lorakit validate: the run can start{note}: lorakit {runner} {recipe}", fg="green", bold=True)
 
 
 def parse_gpu_memory(text: str | None) -> int | None:
@@ -73,16 +76,24 @@ def parse_gpu_memory(text: str | None) -> int | None:
 def validate(recipe_path: str, overrides: tuple[str, ...] = (), *, samples: int = 2, gpu_memory: int | None = None,
              device: str | None = None) -> Findings:
     """Run every check, print the report, and return what was found."""
+    from lorakit.sweep.recipes import has_sweep_section, recipe_for_validate
     from lorakit.training.lifecycle import refuse_unsafe_settings
 
-    recipe = load_recipe(recipe_path, overrides)  # RecipeError: exit 2 with sft's own message
+    sweep = has_sweep_section(recipe_path)
+    if sweep:  # lorakit sweep's checks of its section and of every recipe its space can produce (exit 2 as sweep)
+        recipe, command, sweep_note = recipe_for_validate(recipe_path, overrides)
+    else:
+        recipe, command = load_recipe(recipe_path, overrides), "sft"  # RecipeError: exit 2 with sft's message
     refuse_unsafe_settings(recipe)
     findings = Findings()
     click.secho(f"lorakit validate {recipe_path}", bold=True)
-    findings.ok("recipe: valid (the checks lorakit sft makes)")
+    findings.ok(f"recipe: valid (the checks lorakit {command} makes)")
     for warning in recipe.warnings:
         findings.warning(f"recipe: {warning}")
-    check_output_dir(recipe.output_dir, findings)
+    if sweep:
+        findings.ok(sweep_note)  # each trial has its own folder in the sweep's: no output folder to check here
+    else:
+        check_output_dir(recipe.output_dir, findings)
 
     tokenizer = load_training_tokenizer(recipe, findings)
     config = load_model_config(recipe, findings, report_failure=tokenizer is not None)
