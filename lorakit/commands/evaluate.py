@@ -79,6 +79,9 @@ def run_eval(target_name: str, *, data: str | None = None, split: str | None = N
         raise LorakitError(f"--compare-base: the base of {target_name} is unknown (it is not a lorakit run, recipe "
                            "or merged folder); score the base on its own with `lorakit eval BASE --data ...`")
     report_path = choose_report_path(target, output)
+    from lorakit.evaluation.classification import evaluate_classifier, is_classifier
+    if is_classifier(target):  # a classify run or merged classifier: accuracy, F1, the confusion matrix
+        return evaluate_classifier(target, report_path, data, split, compare_base, batch_size, device, harness)
     if harness:
         require_harness()
 

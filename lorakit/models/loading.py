@@ -211,9 +211,15 @@ def build_quantization_config(quantization: dict | None, placement: Placement):
 
 
 def load_model(model_section: dict, quantization: dict | None, placement: Placement, *,
-               gradient_checkpointing: bool = False) -> Any:
-    """The base model, quantized and prepared for k-bit training when the recipe asks."""
-    from transformers import AutoModelForCausalLM
+               gradient_checkpointing: bool = False, auto_class: str = "AutoModelForCausalLM",
+               **from_pretrained: Any) -> Any:
+    """The base model, quantized and prepared for k-bit training when the recipe asks.
+
+    `auto_class` names the transformers class that loads it (AutoModelForSequenceClassification for classify);
+    `from_pretrained` adds keyword arguments of its own (num_labels, ...). With output_loading_info=True the
+    result is (model, loading info), as transformers returns it.
+    """
+    import transformers
 
     kwargs: dict[str, Any] = {
         "revision": model_section.get("revision"),
@@ -237,17 +243,19 @@ def load_model(model_section: dict, quantization: dict | None, placement: Placem
             kwargs["device_map"] = {"": _local_device(placement.device)}
     # safetensors only: pickled .bin weights can run code when loaded.
     kwargs["use_safetensors"] = True
+    kwargs.update(from_pretrained)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_section["name_or_path"], **kwargs)
+        model = getattr(transformers, auto_class).from_pretrained(model_section["name_or_path"], **kwargs)
     except OSError as error:
         raise _load_error("model", model_section, error) from None
+    model, info = model if from_pretrained.get("output_loading_info") else (model, None)
     if quantization_config is not None and placement.device == "cpu":
         keep_unpacked_where_packing_fails(model)
     if quantization_config is not None and not fsdp:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    return model
+    return model if info is None else (model, info)
 
 
 # bitsandbytes (0.49, 0.50) repacks a 4-bit layer's weights for its AVX512-BF16 CPU kernel the first time the layer

@@ -22,6 +22,8 @@ from typing import Any
 import click
 
 from lorakit.errors import LorakitError, MergeCheckError, OutputDirError
+from lorakit.models.classifier import (TASK_FILE, check_text_ids, classifier_skeleton, head_kwargs,
+                                       load_classifier_tokenizer, read_task)
 
 # Conversations the check runs through the chat template: short, varied, and independent of the run's data.
 CHECK_PROMPTS = [
@@ -81,9 +83,10 @@ def merge_locked(run: Path, out: Path, target, base: str | None, dtype: str, dev
 
     click.echo(f"lorakit merge: {run} into {section['name_or_path']}")
     base_config = load_config(section)
+    task = read_task(run)  # a `lorakit classify` run: the base takes the run's head, as a sequence classifier
     # The tokenizer the run shipped (chat template and end-of-turn EOS included) is the merged model's tokenizer.
-    tokenizer, _ = load_tokenizer({"name_or_path": target.tokenizer_path,
-                                   "trust_remote_code": section.get("trust_remote_code", False)})
+    saved = {"name_or_path": target.tokenizer_path, "trust_remote_code": section.get("trust_remote_code", False)}
+    tokenizer = load_classifier_tokenizer(saved) if task else load_tokenizer(saved)[0]
     check_adapter_fits(run, target, section, base_config, tokenizer)
     placement = merge_placement(dtype, device, base_config)
     click.echo(f"  loading the base on {placement.device} in {placement.dtype}"
@@ -93,10 +96,12 @@ def merge_locked(run: Path, out: Path, target, base: str | None, dtype: str, dev
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     started = time.time()
     try:
-        prompts = [chat_prompt(tokenizer, messages) for messages in CHECK_PROMPTS]
+        prompts = check_text_ids(tokenizer) if task else [chat_prompt(tokenizer, m) for m in CHECK_PROMPTS]
         quantization = target.quantization if into == "dequantized" else None
         merged, reference, base_logits = merge_in_memory(run, section, placement, prompts, quantization)
         write_model_folder(merged, tokenizer, partial)
+        if task:  # its labels and columns, for lorakit eval and predict on the merged folder
+            shutil.copy(run / TASK_FILE, partial / TASK_FILE)
         del merged
         gc.collect()
 
@@ -128,7 +133,8 @@ def merge_locked(run: Path, out: Path, target, base: str | None, dtype: str, dev
         if partial.exists():
             shutil.rmtree(partial)
     click.echo(f"lorakit: merged model in {out} ({time.time() - started:.0f} s); load it with "
-               f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
+               f"{'AutoModelForSequenceClassification' if task else 'AutoModelForCausalLM'}"
+               f".from_pretrained({str(out)!r})")
     return out
 
 
@@ -182,8 +188,9 @@ def check_adapter_fits(run: Path, target, section: dict, base_config, tokenizer)
                         f"hold {vocab}")
 
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(base_config,
-                                                    trust_remote_code=section.get("trust_remote_code", False))
+        task, remote = read_task(run), section.get("trust_remote_code", False)
+        skeleton = classifier_skeleton(base_config, task, remote) if task else \
+            AutoModelForCausalLM.from_config(base_config, trust_remote_code=remote)
     modules = dict(skeleton.named_modules())
     parameters = dict(skeleton.named_parameters())
     weights = run / "adapter_model.safetensors"
@@ -266,7 +273,7 @@ def merge_in_memory(run: Path, section: dict, placement, prompts: list[list[int]
     if dequantize:
         base = load_dequantized_base(section, dequantize, placement)
     else:
-        base = load_model(section, None, placement)
+        base = load_model(section, None, placement, **head_kwargs(read_task(run)))
     model = attach_adapter(base, run, section["name_or_path"])
     model.eval()
     reference = [logits_of(model, ids) for ids in prompts]
@@ -282,9 +289,10 @@ def write_model_folder(merged, tokenizer, folder: Path) -> None:
     from lorakit.models.inference import stop_token_ids
 
     folder.mkdir(parents=True)
-    generation = merged.generation_config
-    generation.eos_token_id = stop_token_ids(tokenizer, merged)
-    generation.pad_token_id = tokenizer.pad_token_id
+    generation = getattr(merged, "generation_config", None)  # a classifier has none: it does not generate
+    if generation is not None:
+        generation.eos_token_id = stop_token_ids(tokenizer, merged)
+        generation.pad_token_id = tokenizer.pad_token_id
     merged.config.pad_token_id = tokenizer.pad_token_id
     merged.save_pretrained(folder, max_shard_size=MAX_SHARD_SIZE)
     tokenizer.save_pretrained(folder)
@@ -292,9 +300,10 @@ def write_model_folder(merged, tokenizer, folder: Path) -> None:
 
 def load_plain(folder: Path, placement) -> Any:
     """The folder as any user would load it: plain transformers, no peft."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=placement.torch_dtype,
+    auto = AutoModelForSequenceClassification if read_task(folder) else AutoModelForCausalLM
+    model = auto.from_pretrained(folder, dtype=placement.torch_dtype,
                                                  attn_implementation=placement.attn_implementation)
     return model.to(placement.device).eval()
 
@@ -304,7 +313,8 @@ def logits_of(model, ids: list[int]):
 
     device = next(model.parameters()).device
     with torch.inference_mode():
-        return model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu()
+        # [positions, vocabulary] of a causal LM; [1, labels] of a classifier
+        return model(input_ids=torch.tensor([ids], device=device)).logits.flatten(0, -2).float().cpu()
 
 
 def check_merge(reference: list, merged: list, base: list, dtype: str) -> dict:
@@ -354,7 +364,8 @@ def compare_with_training_model(target, section: dict, device: str, prompts: lis
 
     training_placement = choose_placement({**target.model_section, "device": device})
     try:
-        base = load_model(section, target.quantization, training_placement)
+        base = load_model(section, target.quantization, training_placement,
+                          **head_kwargs(read_task(target.adapter_path)))
         model = attach_adapter(base, target.adapter_path, section["name_or_path"])
         model.eval()
         training_logits = [logits_of(model, ids) for ids in prompts]

@@ -13,7 +13,6 @@ from typing import Any
 
 from lorakit.errors import Problem, RecipeError
 from lorakit.recipe.sections import (
-    CLASSIFY_METRICS,
     LORA_DEFAULTS,
     QUANTIZATION_4BIT_DEFAULTS,
     SHIPPED_CHAT_TEMPLATES,
@@ -33,6 +32,7 @@ from lorakit.recipe.sections import (
     upstream_fields,
 )
 from lorakit.recipe.schema import Invalid, closest, coerce
+from lorakit.recipe.task_checks import check_task
 
 # training.report_to: the module each logging integration imports, and the package that provides it.
 REPORT_TO_PACKAGES = {
@@ -147,7 +147,7 @@ class Validator:
         self.check_conflicts(training, quantization, model)
         self.check_evaluation(training, dataset)
         if self.command == "classify":
-            self.check_classify(data, sections["task"], lora, training)
+            check_task(data, sections["task"], lora, training, self.problem)  # classify's own section
         if self.problems:
             raise RecipeError(self.file, self.problems)
         return Recipe(model=model, data=dataset, lora=lora, training=training, quantization=quantization,
@@ -371,40 +371,6 @@ class Validator:
             if module is not None and importlib.util.find_spec(module) is None:
                 self.problem(("training", "report_to"), f"{name} needs the {package} package, which is not "
                              f"installed: pip install {package}")
-
-    def check_classify(self, raw: dict, task: dict, lora: dict, training: dict) -> None:
-        """`lorakit classify`: the task section against the sections it shares with sft."""
-        kind, names = task.get("type"), task.get("labels")
-        raw_data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
-        if "train_on" in raw_data:
-            self.problem(("data", "train_on"), "applies to sft only: classify trains on task.label_column")
-        for split in ("train", "eval"):
-            sources = raw_data.get(split)
-            for index, source in enumerate(sources if isinstance(sources, list) else [sources]):
-                if isinstance(source, dict) and source.get("format") is not None:
-                    self.problem(("data", split, index, "format"), "applies to sft only: classify reads "
-                                 "task.text_column and task.label_column (rename with columns: {text: yours})")
-        if names is not None and kind == "regression":
-            self.problem(("task", "labels"), "a regression head predicts one number, with no label names")
-        elif names is not None and len(set(names)) != len(names):
-            twice = sorted({name for name in names if names.count(name) > 1})
-            self.problem(("task", "labels"), f"names a label more than once: {', '.join(twice)}")
-        elif names is not None and len(names) < 2:
-            self.problem(("task", "labels"), "needs at least 2 labels")
-        if task.get("class_weights") and kind == "regression":
-            self.problem(("task", "class_weights"), "applies to classification and multi_label, not regression")
-        raw_lora = raw.get("lora")
-        if isinstance(raw_lora, dict) and raw_lora.get("task_type") not in (None, "SEQ_CLS"):
-            self.problem(("lora", "task_type"), "classify trains a sequence-classification head: SEQ_CLS, which "
-                         "lorakit sets; remove the key")
-        if task.get("head_only") and raw_lora:
-            self.problem(("lora",), "task.head_only trains the head alone, without LoRA: remove the lora section, "
-                         "or set task.head_only: false")
-        lora["task_type"] = "SEQ_CLS"
-        metric, known = training.get("metric_for_best_model"), CLASSIFY_METRICS.get(kind, ())
-        if isinstance(metric, str) and metric.removeprefix("eval_") not in (*known, "loss"):
-            self.problem(("training", "metric_for_best_model"), f"a {kind} task is scored by "
-                         f"{', '.join(known)} or loss, not {metric!r}")
 
     # -- paths
     def base_dir(self, path: tuple) -> Path:
