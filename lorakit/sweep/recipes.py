@@ -17,10 +17,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lorakit.errors import LorakitError, Problem, RecipeError
-from lorakit.recipe.load import apply_override, parse_override, read_yaml
+from lorakit.recipe.load import (
+    apply_override,
+    duplicate_problems,
+    parse_override,
+    read_yaml,
+)
 from lorakit.recipe.sections import Recipe
 from lorakit.sweep import expressions
-from lorakit.sweep.space import SectionChecker, Sweep
+from lorakit.sweep.section import SectionChecker
+from lorakit.sweep.space import Sweep
 
 SECTION = "sweep"
 
@@ -124,7 +130,7 @@ def load_sweep_recipe(file: str | os.PathLike, overrides: typing.Sequence[str] =
     if section is None:
         raise RecipeError(file, [Problem(SECTION, "required: lorakit sweep searches what the recipe's sweep: "
                                          "section names (objective, n_trials, parameters; see docs/sweep.md)", 1)])
-    problems = duplicates(lines)
+    problems = duplicate_problems(lines)  # a key written twice: YAML would keep one silently
     checker = SectionChecker(lines, overridden)
     sweep = checker.read(section, flatten(data), has_eval(data))
     problems += sorted(checker.problems, key=lambda p: p.line or 0)
@@ -156,13 +162,6 @@ def recipe_for_validate(file: str | os.PathLike, overrides: typing.Sequence[str]
             "at the ends of the space are valid; the checks below take its largest values: "
             + ", ".join(f"{key}={value!r}" for key, value in largest.items()))
     return recipe.trial_recipe(recipe.values_for(largest), "trial-0"), sweep.command, note
-
-
-def duplicates(lines: Any) -> list[Problem]:
-    from lorakit.recipe import load
-
-    check = getattr(load, "duplicate_problems", None)  # keys written twice, where the recipe reader reports them
-    return check(lines) if check and hasattr(lines, "duplicates") else []
 
 
 def has_eval(data: dict) -> bool:

@@ -191,9 +191,8 @@ def write_plots(study, recipe: SweepRecipe) -> list[Path]:
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
     import optuna
-    from optuna.visualization import matplotlib as plots
-
     from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as plots
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     wanted = [(HISTORY_PLOT, plots.plot_optimization_history, 1),

@@ -17,16 +17,21 @@ from typing import Any, Callable
 
 import click
 
-from lorakit import errors
-from lorakit.errors import LorakitError, OutOfMemory, RecipeError, RunInterrupted, TrainingDiverged
+from lorakit.errors import (
+    LorakitError,
+    OutOfMemory,
+    RecipeError,
+    RunInterrupted,
+    TrainingDiverged,
+    TrainingStalled,
+)
 from lorakit.sweep import study as studies
 from lorakit.sweep.recipes import SweepRecipe
 from lorakit.training import run_dir
 from lorakit.training.guards import Callback
 
 # Failures that belong to the trial's values: recorded, and the sweep goes on to the next trial.
-TRIAL_FAILURES = tuple(kind for kind in (TrainingDiverged, OutOfMemory, getattr(errors, "TrainingStalled", None),
-                                         RecipeError) if kind is not None)
+TRIAL_FAILURES = (TrainingDiverged, TrainingStalled, OutOfMemory, RecipeError)
 
 
 class StudyFull(Exception):

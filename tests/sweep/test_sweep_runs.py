@@ -90,9 +90,10 @@ def test_pruning_stops_a_hopeless_trial_and_a_diverging_one_fails_while_the_swee
         """, training="max_grad_norm: 0\n")
     result = CliRunner().invoke(main, ["sweep", str(recipe)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    rows = {float(row["training.learning_rate"]): row for row in read_results(tmp_path / "sweep")}
-    assert [float(row["training.learning_rate"]) for row in read_results(tmp_path / "sweep")][0] == 5e-3, \
+    in_order = read_results(tmp_path / "sweep")
+    assert float(in_order[0]["training.learning_rate"]) == 5e-3, \
         "the test relies on Optuna's grid order: the learning trial first"
+    rows = {float(row["training.learning_rate"]): row for row in in_order}
     assert rows[5e-3]["state"] == "complete"
     assert rows[1e38]["state"] == "failed: diverged"
     assert re.match(r"training diverged at step \d", rows[1e38]["note"])

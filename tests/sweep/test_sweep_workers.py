@@ -143,7 +143,7 @@ def postgres_url():
 
     def run(*command: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(binaries / command[0]), *command[1:]], capture_output=True, text=True, env=env,
-                              preexec_fn=demote, cwd=data, timeout=120)
+                              check=False, preexec_fn=demote, cwd=data, timeout=120)
 
     try:
         made = run("initdb", "-D", str(data / "db"), "-U", "lorakit", "-A", "trust", "--no-sync")
