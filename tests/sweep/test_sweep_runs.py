@@ -1,5 +1,5 @@
 """`lorakit sweep` end to end on a tiny model on CPU: the best trial and its recipe, the table, CSV and plots,
-pruning of hopeless trials, and a diverging trial recorded as failed while the sweep goes on."""
+pruning of hopeless trials, and diverging or out-of-memory trials recorded as failed while the sweep goes on."""
 
 from __future__ import annotations
 
@@ -79,24 +79,37 @@ def test_a_sweep_finds_its_best_trial_and_writes_its_recipe_table_and_plots(tiny
 
 
 @pytest.mark.slow
-def test_pruning_stops_a_hopeless_trial_and_a_diverging_one_fails_while_the_sweep_goes_on(tiny_llama, tmp_path):
+def test_pruning_stops_a_hopeless_trial_and_failed_trials_leave_the_sweep_going(tiny_llama, tmp_path, monkeypatch):
+    import torch
+    from trl import SFTTrainer
+
+    training_step = SFTTrainer.training_step
+
+    def out_of_memory_at_3e_3(self, model, inputs, *args, **kwargs):  # as a GPU too small for this trial would
+        if self.args.learning_rate == 3e-3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return training_step(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "training_step", out_of_memory_at_3e_3)
     # Optuna's grid visits its points in a fixed shuffled order: this list makes it 5e-3 (learns), 1e38 (diverges),
-    # 1e-8 (learns nothing: pruned at its first evaluation against the first trial).
+    # 1e-8 (learns nothing: pruned at its first evaluation against the first trial), 3e-3 (out of memory).
     recipe = write_sweep_recipe(tmp_path, tiny_llama, """\
         sampler: grid
         pruner: {name: median, n_startup_trials: 1}
         parameters:
-          training.learning_rate: {type: categorical, choices: [1.0e-8, 1.0e38, 5.0e-3]}
+          training.learning_rate: {type: categorical, choices: [3.0e-3, 1.0e-8, 5.0e-3, 1.0e38]}
         """, training="max_grad_norm: 0\n")
     result = CliRunner().invoke(main, ["sweep", str(recipe)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     in_order = read_results(tmp_path / "sweep")
-    assert float(in_order[0]["training.learning_rate"]) == 5e-3, \
+    assert [float(row["training.learning_rate"]) for row in in_order] == [5e-3, 1e38, 1e-8, 3e-3], \
         "the test relies on Optuna's grid order: the learning trial first"
     rows = {float(row["training.learning_rate"]): row for row in in_order}
     assert rows[5e-3]["state"] == "complete"
     assert rows[1e38]["state"] == "failed: diverged"
     assert re.match(r"training diverged at step \d", rows[1e38]["note"])
+    assert rows[3e-3]["state"] == "failed: out of memory"
+    assert rows[3e-3]["note"].startswith("out of memory at step 1")
     assert rows[1e-8]["state"] == "pruned at step 2"
     pruned = run_dir.read_record(tmp_path / "sweep" / rows[1e-8]["folder"])
     assert pruned["status"] == run_dir.FAILED and pruned["failure"]["message"].startswith("pruned at step 2 of 4")
