@@ -1,0 +1,53 @@
+"""lorakit.training.threads: the CPU thread count follows the cores other processes leave free."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from lorakit.training import threads
+from lorakit.training.threads import CpuTimes, threads_for
+
+
+def test_threads_are_the_cores_the_others_leave():
+    before = CpuTimes(busy=100.0, own=10.0, at=0.0)
+    quiet = CpuTimes(busy=102.0, own=12.0, at=1.0)  # all the busy time was this process's own
+    beside_one = CpuTimes(busy=102.0, own=11.0, at=1.0)  # another process kept one core busy
+    crowded = CpuTimes(busy=104.0, own=10.5, at=1.0)  # others took more than there is
+    assert threads_for(before, quiet, cores=2) == 2
+    assert threads_for(before, beside_one, cores=2) == 1
+    assert threads_for(before, beside_one, cores=8) == 7
+    assert threads_for(before, crowded, cores=2) == 1  # never fewer than one
+    assert threads_for(before, CpuTimes(busy=100.1, own=10.0, at=0.1), cores=2) is None  # too short to tell
+
+
+def test_only_cpu_runs_without_an_explicit_thread_count_are_steered(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert threads.follow_free_cores(SimpleNamespace(device="cuda")) == []
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert threads.follow_free_cores(SimpleNamespace(device="cpu")) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/stat")
+def test_beside_busy_neighbours_training_keeps_to_one_thread(monkeypatch):
+    import torch
+    from transformers import TrainerCallback  # noqa: F401  (loaded before the neighbours take the CPU)
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = threads.usable_cores()
+    before = torch.get_num_threads()
+    neighbours = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    try:
+        [callback] = threads.follow_free_cores(SimpleNamespace(device="cpu"))
+        time.sleep(1.5)  # the run's preparation, during which the neighbours take every core
+        callback.on_train_begin(None, None, None)
+        assert torch.get_num_threads() == 1
+    finally:
+        for neighbour in neighbours:
+            neighbour.kill()
+            neighbour.wait()
+        torch.set_num_threads(before)
