@@ -13,7 +13,8 @@ import shutil
 from pathlib import Path
 
 from lorakit.errors import DiskFull, OutputDirError
-from lorakit.training.run_dir import FAILED, latest_complete_checkpoint, read_record, update_record
+from lorakit.training.run_dir import (FAILED, checkpoints, is_complete, latest_complete_checkpoint, read_record,
+                                      update_record)
 
 
 def check_writable(folder: Path) -> None:
@@ -46,8 +47,11 @@ def disk_full(error: BaseException, folder: Path) -> DiskFull | None:
     if not found:
         return None
     # The first write that failed names its file; a later one (the run record, written on the way out) may not.
-    where = next((c.filename for c in reversed(found) if getattr(c, "filename", None)), folder)
+    where = next((c.filename for c in reversed(found) if getattr(c, "filename", None)), None)
     last = latest_complete_checkpoint(folder) if folder.is_dir() else None
+    if where is None:  # torch's writer does not say which file: the checkpoint being saved, if one is
+        unfinished = [c for c in checkpoints(folder) if not is_complete(c)] if folder.is_dir() else []
+        where = unfinished[-1] if unfinished else folder
     kept = (f"the last complete checkpoint, {last.name}, is kept" if last else "no checkpoint had been saved yet")
     message = (f"the disk is full: writing {where} failed ({free_space(folder) / 2**20:,.0f} MiB free on the disk "
                f"holding {folder}). {kept.capitalize()}. Free some space, then run the same command again: it "

@@ -67,8 +67,12 @@ def write_record(folder: str | os.PathLike, record: dict[str, Any]) -> None:
     """Write the record atomically, so a crash never leaves half a file that later commands would misread."""
     path = Path(folder) / RECORD_FILE
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:  # a full disk: the record before stays whole, no half-written copy is left beside it
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def update_record(folder: str | os.PathLike, **changes: Any) -> dict[str, Any]:

@@ -263,6 +263,37 @@ def test_a_full_disk_ends_in_one_message_and_the_run_resumes_once_space_is_freed
     assert record["status"] == run_dir.COMPLETED and record["resumed_from"] == "checkpoint-2"
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 400 kB filesystem: a tiny run's second checkpoint does not fit. Needs mount (root, unconfined)."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("mounting a small tmpfs is not permitted here (the simulated full disk above still runs)")
+    yield folder
+    subprocess.run(["umount", "--lazy", str(folder)], check=True)  # lazy: the test process may still hold a file
+
+
+@pytest.mark.slow
+def test_a_really_full_disk_ends_in_one_message_and_resumes_once_grown(tiny_llama, tmp_path, small_disk):
+    out = small_disk / "run"
+    recipe = write_run_recipe(tmp_path, tiny_llama, out, steps=6)
+    settings = (*QUIET, "training.save_strategy=steps", "training.save_steps=1", "training.save_total_limit=8")
+    full = CliRunner().invoke(main, ["sft", str(recipe), *settings])
+    assert full.exit_code == 5, full.output
+    last = run_dir.latest_complete_checkpoint(out)
+    assert last is not None and full.output.strip().splitlines()[-1].startswith("error: the disk is full: writing ")
+    assert f"The last complete checkpoint, {last.name}, is kept" in full.output and "Traceback" not in full.output
+    assert not list(out.glob("*.tmp"))
+
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)  # space freed
+    resumed = CliRunner().invoke(main, ["sft", str(recipe), *settings])
+    assert resumed.exit_code == 0, resumed.output
+    assert f"resuming from {last.name}" in resumed.output
+    assert run_dir.read_record(out)["status"] == run_dir.COMPLETED
+
+
 def test_disk_full_is_told_for_each_writers_own_way_of_saying_it(tmp_path):
     from lorakit.training.disk import disk_full
 
