@@ -59,9 +59,10 @@ def run_sweep(recipe_path: str, overrides: tuple[str, ...] = (), *, output_dir: 
     sweep, folder = recipe.sweep, recipe.folder
     name = study_name or folder.name
     described = studies.describe_storage(storage, folder)
-    studies.prepare_folder(folder, described, name)
+    studies.check_folder(folder, described, name)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial is told below, failures with their reason
     study = studies.open_study(studies.open_storage(storage, folder), name, sweep, recipe.file, described)
+    studies.mark_folder(folder, described, name)
     click.secho(f"lorakit sweep: study {name!r} in {described}: {sweep.n_trials} trials of lorakit {sweep.command}, "
                 f"{sweep.direction} {sweep.metric}; sampler {sweep.sampler}, pruner {sweep.pruner}", bold=True)
     say_retried(studies.fail_dead_trials(study))

@@ -90,9 +90,9 @@ def with_driver(url: str) -> str:
 # ---------------------------------------------------------------- the sweep folder and the study
 
 
-def prepare_folder(folder: Path, storage: str, study_name: str) -> None:
+def check_folder(folder: Path, storage: str, study_name: str) -> None:
     """The sweep's folder holds the sweep's own files only: refuse a folder of something else, or of another
-    study, before anything is written; mark a new one."""
+    study, before anything is written."""
     marker = folder / MARKER_FILE
     if marker.is_file():
         try:
@@ -110,6 +110,13 @@ def prepare_folder(folder: Path, storage: str, study_name: str) -> None:
     if folder.exists() and [p for p in folder.iterdir() if p.name != ".DS_Store"]:
         raise OutputDirError(f"{folder} is not empty and holds no lorakit sweep; lorakit never writes over files it "
                              "did not make. Choose another --output-dir (nothing was changed)")
+
+
+def mark_folder(folder: Path, storage: str, study_name: str) -> None:
+    """Name the study and its storage in the folder (once its storage has opened), for the next run to check."""
+    marker = folder / MARKER_FILE
+    if marker.is_file():
+        return
     folder.mkdir(parents=True, exist_ok=True)
     write_atomically(marker, json.dumps({"study_name": study_name, "storage": storage,
                                          "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n")

@@ -85,17 +85,18 @@ def test_a_trial_asked_for_when_the_study_is_full_is_told_so(study):
 
 def test_the_sweep_folder_holds_one_study_and_nothing_else(tmp_path):
     folder = tmp_path / "sweep"
-    studies.prepare_folder(folder, "journal", "a")
-    studies.prepare_folder(folder, "journal", "a")  # the same sweep again: resumed
+    studies.check_folder(folder, "journal", "a")
+    studies.mark_folder(folder, "journal", "a")
+    studies.check_folder(folder, "journal", "a")  # the same sweep again: resumed
     with pytest.raises(OutputDirError, match="holds the sweep 'a' stored in journal"):
-        studies.prepare_folder(folder, "postgresql://u:***@h/db", "a")
+        studies.check_folder(folder, "postgresql://u:***@h/db", "a")
     with pytest.raises(OutputDirError, match="holds the sweep 'a'"):
-        studies.prepare_folder(folder, "journal", "b")
+        studies.check_folder(folder, "journal", "b")
     other = tmp_path / "notes"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
     with pytest.raises(OutputDirError, match="holds no lorakit sweep"):
-        studies.prepare_folder(other, "journal", "a")
+        studies.check_folder(other, "journal", "a")
     assert [p.name for p in other.iterdir()] == ["keep.txt"]
 
 
