@@ -354,12 +354,10 @@ def record_outputs(folder: str | os.PathLike) -> None:
     """
     folder = Path(folder)
     before = _at_training_end.pop(folder.absolute(), None)
-    if not folder.is_dir():
-        return
-    written = set(OWN_FILES)
-    if before is not None:
-        written |= {name for name, changed in folder_state(folder).items()
-                    if before.get(name) != changed and not CHECKPOINT_NAME.fullmatch(name)}
+    if before is None or not folder.is_dir():
+        return  # the run never trained (refused, or failed before): it wrote nothing to list
+    written = set(OWN_FILES) | {name for name, changed in folder_state(folder).items()
+                                if before.get(name) != changed and not CHECKPOINT_NAME.fullmatch(name)}
     try:
         listed = set(json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))["files"])
     except (OSError, ValueError, KeyError, TypeError):

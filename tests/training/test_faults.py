@@ -103,6 +103,18 @@ def test_overwrite_refuses_a_folder_the_recipe_reads_its_data_from(tiny_llama, t
     assert (f"the recipe's data {data} lies inside the output folder {out}, which --overwrite would replace; "
             "nothing was changed") in result.output
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+    assert json.loads((out / run_dir.MANIFEST_FILE).read_text()) == {"files": ["adapter_model.safetensors"]}
+
+
+def test_a_refused_run_leaves_a_folder_that_is_not_a_run_untouched(tiny_llama, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    forbid_loading(monkeypatch)
+    result = CliRunner().invoke(main, ["sft", str(write_run_recipe(tmp_path, tiny_llama, out)), "--overwrite"])
+    assert result.exit_code == 2 and "is not a lorakit run" in result.output
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no lock file left
 
 
 def test_an_older_run_without_a_manifest_loses_only_lorakits_known_files(tmp_path):
@@ -283,7 +295,7 @@ def test_a_really_full_disk_ends_in_one_message_and_resumes_once_grown(tiny_llam
     full = CliRunner().invoke(main, ["sft", str(recipe), *settings])
     assert full.exit_code == 5, full.output
     last = run_dir.latest_complete_checkpoint(out)
-    assert last is not None and full.output.strip().splitlines()[-1].startswith("error: the disk is full: writing ")
+    assert last is not None and "error: the disk is full: writing " in full.output
     assert f"The last complete checkpoint, {last.name}, is kept" in full.output and "Traceback" not in full.output
     assert not list(out.glob("*.tmp"))
 
