@@ -41,7 +41,7 @@ def run_classify(recipe_path: str, overrides: tuple[str, ...] = (), *, output_di
 
 def build_classify(context) -> Any:
     """Tokenizer, labelled rows, the base with its new head, and a Trainer: what `lorakit classify` trains."""
-    from transformers import DataCollatorWithPadding, Trainer
+    from transformers import DataCollatorWithPadding, Trainer, set_seed
 
     from lorakit.data.classification import (
         balanced_weights,
@@ -60,6 +60,7 @@ def build_classify(context) -> Any:
     args = build_training_arguments(recipe, placement, data.eval is not None)
     click.echo(f"lorakit: loading model on {placement.device} ({placement.dtype}) with a new {data.labels.type} "
                f"head of {data.labels.num_labels} output{'s' if data.labels.num_labels != 1 else ''}")
+    set_seed(args.seed)  # the new head and the LoRA weights start from the recipe's seed, not whatever came before
     base, head = classifier.load_classifier(recipe, placement, data.labels, tokenizer,
                                             gradient_checkpointing=bool(args.activation_checkpointing))
     if args.activation_checkpointing:

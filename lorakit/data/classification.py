@@ -234,12 +234,12 @@ def raise_problems(problems: list[str], hint: str = "") -> None:
 
 
 def encode_label(label: Any, space: LabelSpace) -> Any:
+    """The label as the head's loss takes it: a class id, a 0/1 float per label, or the number."""
     if space.type == "regression":
         return label
-    index = {name: i for i, name in enumerate(space.names)}
     if space.type == "multi_label":
         return [1.0 if name in label else 0.0 for name in space.names]
-    return index[label]
+    return space.names.index(label)
 
 
 # ---------------------------------------------------------------- tokenizing and splitting
@@ -377,13 +377,16 @@ def balanced_weights(report: SplitReport, space: LabelSpace) -> list[float]:
     """task.class_weights: balanced. Classification: rows / (classes x rows of the class). Multi-label: each label's
     negatives / positives (BCE's pos_weight)."""
     counts = [report.label_counts.get(name, 0) for name in space.names]
-    empty = [name for name, count in zip(space.names, counts) if count == 0 or
-             (space.type == "multi_label" and count == report.rows)]
-    if empty:
-        raise DataError(f"task.class_weights: balanced needs training rows with and without each label; "
-                        f"{', '.join(empty)} has none of one kind")
     if space.type == "multi_label":
+        never = [f"{name} is on {'no' if count == 0 else 'every'} row" for name, count in zip(space.names, counts)
+                 if count in (0, report.rows)]
+        if never:
+            raise DataError("task.class_weights: balanced needs training rows with and without each label; "
+                            + ", ".join(never))
         return [(report.rows - count) / count for count in counts]
+    empty = [name for name, count in zip(space.names, counts) if count == 0]
+    if empty:
+        raise DataError(f"task.class_weights: balanced needs training rows of every label; {', '.join(empty)} has none")
     return [report.rows / (space.num_labels * count) for count in counts]
 
 

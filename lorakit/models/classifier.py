@@ -92,13 +92,31 @@ def build_trainable_model(model, lora: dict, head: list[str], head_only: bool) -
         settings.update(target_modules=DUMMY_TARGET_MODULES, layers_to_transform=None)
     layers = settings.get("layers_to_transform")
     count = getattr(model.config.get_text_config(), "num_hidden_layers", None)
-    if layers is not None and count is not None:
+    if layers is not None:
         wanted = [layers] if isinstance(layers, int) else list(layers)
-        outside = [layer for layer in wanted if not 0 <= layer < count]
+        outside = [layer for layer in wanted if count is not None and not 0 <= layer < count]
         if outside:
             raise LorakitError(f"lora.layers_to_transform: the model has layers 0-{count - 1}; "
-                               f"{', '.join(map(str, outside))} is not one of them (the top 2: [{count - 2}, {count - 1}])")
-    return get_peft_model(model, LoraConfig(**settings))
+                               f"{', '.join(map(str, outside))} is not one of them (the top two: "
+                               f"[{count - 2}, {count - 1}])")
+        if settings.get("target_modules") == "all-linear":
+            # peft takes layers_to_transform with a list of module names only: all-linear, within those layers.
+            settings["target_modules"] = linear_module_names(model)
+    try:
+        config = LoraConfig(**settings)
+    except ValueError as error:  # combinations peft refuses
+        raise LorakitError(f"lora: {str(error).strip().splitlines()[0]}") from None
+    return get_peft_model(model, config)
+
+
+def linear_module_names(model) -> list[str]:
+    """The names (q_proj, dense, ...) of the linear layers inside the model's numbered blocks."""
+    import re
+
+    import torch
+
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and re.search(r"\.\d+\.", name)})
 
 
 def trainable_rows(model, head: list[str], head_only: bool) -> list[tuple[str, str]]:
