@@ -36,7 +36,8 @@ def lock_path(folder: str | os.PathLike) -> Path:
 @contextmanager
 def hold_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
     """Hold the exclusive lock of `folder` (what: 'lorakit sft', 'lorakit merge'...) for the block; refuse at once
-    if another process holds it. The folder's parent is created if needed; the folder itself is not."""
+    if another process holds it. The folder's parent is created if needed (and removed again if left empty);
+    the folder itself is not."""
     folder = Path(folder).absolute()
     with _held_guard:
         if folder in _held:
@@ -51,6 +52,7 @@ def hold_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
             with _held_guard:
                 _held[folder] -= 1
         return
+    created = missing_parents(folder)
     fd, path = _acquire(folder, what)
     with _held_guard:
         _held[folder] = 1
@@ -60,6 +62,20 @@ def hold_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
         with _held_guard:
             del _held[folder]
         _release(fd, path)
+        for parent in created:  # a run refused or failed before writing leaves no empty runs/ behind
+            try:
+                parent.rmdir()
+            except OSError:
+                break  # not empty: the run wrote into it
+
+
+def missing_parents(folder: Path) -> list[Path]:
+    """The folders above `folder` that do not exist yet, deepest first (the lock file's parent is created)."""
+    missing, parent = [], folder.parent
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    return missing
 
 
 def _acquire(folder: Path, what: str) -> tuple[int, Path]:
