@@ -152,8 +152,9 @@ def duplicate_problems(lines: LineMap) -> list[Problem]:
 
 
 def line_of(file: str | os.PathLike, path: tuple) -> int | None:
-    """The line where a recipe file sets `path` (for problems found after loading, such as a model's modules)."""
+    """The line where a recipe file sets exactly `path` (for problems found after loading, such as a model's
+    modules); None when the file does not set it (a default, or an override on the command line)."""
     try:
-        return read_yaml(Path(file))[1].get(path)
+        return read_yaml(Path(file))[1].lines.get(path)
     except RecipeError:
         return None
