@@ -58,15 +58,37 @@ def build_sft(context) -> Any:
                          processing_class=tokenizer, peft_config=build_lora_config(recipe.lora),
                          callbacks=context.callbacks)
     return Built(trainer=trainer, tokenizer=tokenizer, has_eval=data.eval is not None,
+                 save=lambda trainer, out: save_run(trainer, tokenizer, out),
                  summary=[("chat template", template_source), *data_rows(data.reports, recipe.data["max_length"])],
                  record={"data": {split: report.to_dict() for split, report in data.reports.items()}})
+
+
+def save_run(trainer, tokenizer, out: Path) -> None:
+    """Adapter and tokenizer as every run saves them, and generation_config.json listing every stop token.
+
+    The tokenizer is saved as training used it: its EOS is not replaced by the end-of-turn token (a template that
+    writes `{{ eos_token }}` would render differently). Where a reply ends goes where the ecosystem looks for it,
+    a list of `eos_token_id`s in generation_config.json, as Llama 3 ships it.
+    """
+    import copy
+
+    from lorakit.models.inference import stop_token_ids
+    from lorakit.training.lifecycle import save_adapter
+
+    save_adapter(trainer, tokenizer, out)
+    model = trainer.model
+    generation = copy.deepcopy(model.generation_config)
+    generation.eos_token_id = stop_token_ids(tokenizer, model)
+    if generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id
+    generation.save_pretrained(out)
 
 
 def build_sft_config(recipe: Recipe, placement, tokenizer) -> Any:
     """trl.SFTConfig from the recipe's training section plus what lorakit decides for this machine."""
     from trl import SFTConfig
 
-    from lorakit.models.loading import PACKABLE_ATTENTION, end_of_turn_token
+    from lorakit.models.loading import PACKABLE_ATTENTION
 
     settings = dict(recipe.training)
     settings["max_length"] = recipe.data["max_length"]
@@ -88,9 +110,6 @@ def build_sft_config(recipe: Recipe, placement, tokenizer) -> Any:
     settings.setdefault("packing", placement.attn_implementation in PACKABLE_ATTENTION)
     if not settings["packing"]:
         settings.setdefault("train_sampling_strategy", "group_by_length")
-    end = end_of_turn_token(tokenizer)
-    if end and end != tokenizer.eos_token:
-        settings.setdefault("eos_token", end)  # generation must stop where the chat template ends a turn
     if recipe.early_stopping:
         settings.setdefault("eval_strategy", "steps")
         settings.setdefault("eval_steps", 0.1)

@@ -63,7 +63,6 @@ def render() -> str:
         "gradient_checkpointing": "on for GPU, off on CPU",
         "packing": "true with flash attention (padding-free); else false with train_sampling_strategy: group_by_length",
         "use_cpu": "true when the device is CPU",
-        "eos_token": "the chat template's end-of-turn token when it differs from EOS",
     })
     out += ["These `training` keys are set from lorakit's own keys and are refused in `training`:", ""]
     out += [f"- `training.{key}`: set {where}" for key, where in recipe.TRAINING_KEYS_OWNED_ELSEWHERE.items()]
