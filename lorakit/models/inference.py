@@ -138,7 +138,7 @@ def load_target_tokenizer(target: Target):
     """The tokenizer the data is tokenized with, chat template included.
 
     For a run with its recipe, the tokenizer exactly as `lorakit sft` loaded it to tokenize the training data.
-    (The copy saved in the run folder can differ: trl sets its eos_token to the chat template's end-of-turn token.)
+    (sft saves this same tokenizer in the run folder, its EOS unchanged; stop tokens go to generation_config.json.)
     Otherwise the folder's or Hub model's own tokenizer.
     """
     from lorakit.models.loading import load_tokenizer

@@ -15,7 +15,8 @@ from lorakit.cli import main
 from lorakit.training.run_dir import MANIFEST_FILE, RECIPE_FILE, RECORD_FILE
 
 EXPECTED_FILES = {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                  "chat_template.jinja", RECIPE_FILE, RECORD_FILE, MANIFEST_FILE, "README.md"}
+                  "chat_template.jinja", RECIPE_FILE, RECORD_FILE, MANIFEST_FILE, "README.md",
+                  "generation_config.json"}
 
 
 def write_run_recipe(tmp_path: Path, model: Path, fmt: str = "messages", extra: str = "", steps: int = 12) -> Path:

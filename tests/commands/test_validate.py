@@ -19,12 +19,6 @@ TEMPLATE_WITHOUT_END_OF_TURN = (
     "{%- if message['role'] == 'assistant' -%}{{ message['content'] + '\\n' }}"
     "{%- else -%}{{ message['content'] + '<|im_end|>\\n' }}{%- endif -%}{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}")
-# A template that adds a system header only to finished conversations (as templates that stamp a date or a
-# default prompt sometimes do): the rendered prompt differs with and without the reply, so the masking shifts.
-TEMPLATE_THAT_CHANGES_THE_PROMPT = (
-    "{%- if not add_generation_prompt -%}{{ '<|im_start|>system\\nToday is a good day.<|im_end|>\\n' }}{%- endif -%}"
-    "{%- for message in messages -%}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-    "'<|im_end|>\\n' }}{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}")
 
 
 def run_cli(*args: str):
@@ -92,10 +86,7 @@ def test_problems_are_all_listed_and_the_run_refused(tiny_llama, facts, tmp_path
      "the end-of-turn token '<|endoftext|>' is not trained at the end of every assistant reply in 64 of 64 rows "
      "(first: {data} row 1): the chat template does not put it after the reply at all. The model would never learn "
      "to stop"),
-    (TEMPLATE_THAT_CHANGES_THE_PROMPT,
-     "tokens before the assistant reply are trained in 32 of 32 rows, though data.train_on is completions (first: "
-     "{data} row 1: 'Today is a good day.<|im_end|>')"),
-], ids=["end-of-turn-never-trained", "prompt-trained"])
+], ids=["end-of-turn-never-trained"])
 def test_a_template_that_masks_the_wrong_tokens_fails(tiny_llama, facts, tmp_path, template, expected):
     model = with_template(tiny_llama, tmp_path / "model", template)
     data = facts if template is TEMPLATE_WITHOUT_END_OF_TURN else facts[:1]
