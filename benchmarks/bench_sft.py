@@ -46,12 +46,11 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, 
 # ---------------------------------------------------------------- shared setup
 
 
-def build_model(folder: Path, args) -> None:
-    import torch
+def build_tokenizer(folder: Path):
+    """A byte-level BPE trained on the benchmark's own words, with lorakit's ChatML template, saved in `folder`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    # A byte-level BPE trained on the benchmark's own words, with lorakit's ChatML template.
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -62,6 +61,14 @@ def build_model(folder: Path, args) -> None:
                                         additional_special_tokens=["<|im_start|>", "<|im_end|>"])
     tokenizer.chat_template = (REPO / "lorakit" / "models" / "templates" / "chatml.jinja").read_text()
     tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def build_model(folder: Path, args) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer(folder)
     torch.manual_seed(0)
     vocab = max(args.vocab, len(tokenizer))
     config = LlamaConfig(vocab_size=vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
