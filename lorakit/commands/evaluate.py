@@ -82,6 +82,10 @@ def run_eval(target_name: str, *, data: str | None = None, split: str | None = N
     from lorakit.evaluation.classification import evaluate_classifier, is_classifier
     if is_classifier(target):  # a classify run or merged classifier: accuracy, F1, the confusion matrix
         return evaluate_classifier(target, report_path, data, split, compare_base, batch_size, device, harness)
+    from lorakit.evaluation.preference import is_preference_eval, run_preference_eval
+
+    if not harness and is_preference_eval(target, data, split):  # chosen/rejected pairs: which one the model prefers
+        return run_preference_eval(target, data, split, compare_base, batch_size, report_path, device)
     if harness:
         require_harness()
 

@@ -18,6 +18,7 @@ from lorakit.checks.inputs import (check_output_dir, load_model_config, load_tra
 from lorakit.checks.labels import check_saved_template, check_trained_tokens
 from lorakit.checks.memory import check_memory, report_steps
 from lorakit.errors import LorakitError, ValidationFailed
+from lorakit.models.start_point import recipe_command
 from lorakit.recipe.load import load_recipe
 
 OVERRIDES_HELP = "OVERRIDES are dotted recipe paths, e.g. training.learning_rate=1e-4 lora.r=8 data.max_length=512."
@@ -37,8 +38,11 @@ OVERRIDES_HELP = "OVERRIDES are dotted recipe paths, e.g. training.learning_rate
               help="Processes the run will use, as for `lorakit sft`; same as launch.num_processes.")
 @click.option("--accelerate-config", type=click.Path(dir_okay=False), default=None,
               help="accelerate config the run will use, as for `lorakit sft`; same as launch.accelerate_config.")
+@click.option("--command", "command_name", type=click.Choice(["sft", "dpo"]), default=None,
+              help="The training command the recipe is for (default: from its first line, `# lorakit dpo ...`; "
+                   "else sft).")
 def command(recipe: str, overrides: tuple[str, ...], samples: int, gpu_memory: str | None, device: str | None,
-            num_processes: int | None, accelerate_config: str | None) -> None:
+            num_processes: int | None, accelerate_config: str | None, command_name: str | None) -> None:
     """Check RECIPE, its data, the tokens it trains and the memory it needs, before any training.
 
     Loads the model's config and tokenizer, never its weights.
@@ -48,7 +52,8 @@ def command(recipe: str, overrides: tuple[str, ...], samples: int, gpu_memory: s
     if accelerate_config:
         overrides = (*overrides, f"launch.accelerate_config={Path(accelerate_config).absolute()}")
     limit = parse_gpu_memory(gpu_memory)
-    findings = validate(recipe, overrides, samples=samples, gpu_memory=limit, device=device)
+    command_name = command_name or recipe_command(Path(recipe))
+    findings = validate(recipe, overrides, samples=samples, gpu_memory=limit, device=device, command=command_name)
     if findings.problems:
         count = len(findings.problems)
         lines = [f"{count} problem{'s' if count != 1 else ''}: the run cannot start as it stands:"]
@@ -58,7 +63,7 @@ def command(recipe: str, overrides: tuple[str, ...], samples: int, gpu_memory: s
         if findings.warnings else ""
     from lorakit.sweep.recipes import has_sweep_section
 
-    runner = "sweep" if has_sweep_section(recipe) else "sft"
+    runner = "sweep" if has_sweep_section(recipe) else command_name
     click.secho(f"lorakit validate: the run can start{note}: lorakit {runner} {recipe}", fg="green", bold=True)
 
 
@@ -74,7 +79,7 @@ def parse_gpu_memory(text: str | None) -> int | None:
 
 
 def validate(recipe_path: str, overrides: tuple[str, ...] = (), *, samples: int = 2, gpu_memory: int | None = None,
-             device: str | None = None) -> Findings:
+             device: str | None = None, command: str = "sft") -> Findings:
     """Run every check, print the report, and return what was found."""
     from lorakit.sweep.recipes import has_sweep_section, recipe_for_validate
     from lorakit.training.lifecycle import refuse_unsafe_settings
@@ -83,7 +88,7 @@ def validate(recipe_path: str, overrides: tuple[str, ...] = (), *, samples: int 
     if sweep:  # lorakit sweep's checks of its section and of every recipe its space can produce (exit 2 as sweep)
         recipe, command, sweep_note = recipe_for_validate(recipe_path, overrides)
     else:
-        recipe, command = load_recipe(recipe_path, overrides), "sft"  # RecipeError: exit 2 with sft's message
+        recipe = load_recipe(recipe_path, overrides, command=command)  # RecipeError: exit 2, the command's message
     refuse_unsafe_settings(recipe)
     findings = Findings()
     click.secho(f"lorakit validate {recipe_path}", bold=True)
@@ -94,6 +99,11 @@ def validate(recipe_path: str, overrides: tuple[str, ...] = (), *, samples: int 
         findings.ok(sweep_note)  # each trial has its own folder in the sweep's: no output folder to check here
     else:
         check_output_dir(recipe.output_dir, findings)
+    if command == "dpo":  # the start point, pairs and their scored tokens, a preference step's memory
+        from lorakit.checks.preferences import check_dpo_run
+
+        check_dpo_run(recipe, findings, samples=samples, gpu_memory=gpu_memory, device=device)
+        return findings
 
     tokenizer = load_training_tokenizer(recipe, findings)
     config = load_model_config(recipe, findings, report_failure=tokenizer is not None)

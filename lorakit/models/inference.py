@@ -71,9 +71,10 @@ def resolve_target(target: str) -> Target:
 
 
 def _recipe_target(name: str, file: Path) -> Target:
+    from lorakit.models.start_point import recipe_command
     from lorakit.recipe.load import load_recipe
 
-    recipe = load_recipe(file)
+    recipe = load_recipe(file, command=recipe_command(file))
     out = recipe.output_dir
     if not (out / ADAPTER_CONFIG).is_file():
         raise LorakitError(f"{name}: its output folder {out} holds no trained adapter yet; "
@@ -82,13 +83,14 @@ def _recipe_target(name: str, file: Path) -> Target:
 
 
 def _run_target(name: str, folder: Path) -> Target:
+    from lorakit.models.start_point import recipe_command
     from lorakit.recipe.load import load_recipe
     from lorakit.training.run_dir import RECIPE_FILE
 
     recipe = None
     if (folder / RECIPE_FILE).is_file():
         # The resolved recipe already holds absolute paths; data that has moved since is reported when it is read.
-        recipe = load_recipe(folder / RECIPE_FILE, check_paths=False)
+        recipe = load_recipe(folder / RECIPE_FILE, check_paths=False, command=recipe_command(folder / RECIPE_FILE))
     return _adapter_target(name, folder, recipe)
 
 
@@ -99,6 +101,15 @@ def _adapter_target(name: str, folder: Path, recipe) -> Target:
     if recipe is not None:
         model_section = dict(recipe.model)
         quantization = recipe.quantization
+        if recipe.command == "dpo":  # model.name_or_path may be the SFT run it continued: load that run's base
+            from lorakit.models.start_point import trained_base_section
+            from lorakit.training.run_dir import read_record
+
+            record = read_record(folder) or {}
+            model_section = trained_base_section(model_section, record)
+            stages = " -> ".join(stage["command"] for stage in record.get("stages") or [])
+            if stages:
+                notes.append(f"trained in stages {stages} on the base {model_section['name_or_path']}")
     else:
         base = read_adapter_config(folder).get("base_model_name_or_path")
         if not base:
@@ -144,7 +155,7 @@ def load_target_tokenizer(target: Target):
     from lorakit.models.loading import load_tokenizer
 
     if target.recipe is not None:
-        section = target.recipe.model
+        section = target.model_section  # the recipe's model section; for a DPO run, that of the base it trained
     else:
         section = {"name_or_path": target.tokenizer_path,
                    "trust_remote_code": target.model_section.get("trust_remote_code", False)}
@@ -174,12 +185,12 @@ def load_base_model(name_or_path: str, placement) -> Any:
     return model
 
 
-def attach_adapter(model, adapter_path: Path, base_name: str) -> Any:
+def attach_adapter(model, adapter_path: Path, base_name: str, trainable: bool = False) -> Any:
     """peft's PeftModel on `model`; a base that does not fit the adapter is a clear error, not a shape traceback."""
     from peft import PeftModel
 
     try:
-        return PeftModel.from_pretrained(model, str(adapter_path))
+        return PeftModel.from_pretrained(model, str(adapter_path), is_trainable=trainable)
     except (RuntimeError, ValueError, KeyError) as error:
         first = str(error).strip().splitlines()
         reason = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")

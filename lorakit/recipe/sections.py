@@ -147,6 +147,23 @@ class TaskSection:
     head_only: bool = doc("Train only the new head (a linear probe): no LoRA, the whole base model frozen.", False)
 
 
+@dataclass
+class PreferenceSection:
+    """`lorakit dpo`'s own section: what the policy is measured against, and what to do with unusable pairs."""
+
+    reference: Literal["sft", "base"] | None = doc(
+        "The reference model DPO's rewards compare the policy with. null: the start point, i.e. the SFT model "
+        "(the base + a frozen copy of the SFT adapter) when model.name_or_path is an SFT run folder, else the base. "
+        "sft: insist on that. base: the bare base model, also when starting from an SFT run.",
+        None,
+    )
+    on_bad_rows: Literal["error", "drop"] = doc(
+        "A pair with a field missing, an empty response, or chosen equal to rejected: error stops with its file "
+        "and row; drop leaves it out and counts it in the summary and the run record.",
+        "error",
+    )
+
+
 OWN_SECTIONS = {"model": ModelSection, "data": DataSection, "early_stopping": EarlyStoppingSection,
                 "launch": LaunchSection}
 UPSTREAM_SECTIONS = {
@@ -163,7 +180,8 @@ TRAINING_CONFIGS = {
 }
 # Sections of lorakit's own that only one training command has: {command: {section: dataclass}}. Their values end
 # up in Recipe.sections, checked and with defaults filled like the shared sections.
-COMMAND_SECTIONS: dict[str, dict[str, type]] = {"sft": {}, "dpo": {}, "classify": {"task": TaskSection}}
+COMMAND_SECTIONS: dict[str, dict[str, type]] = {"sft": {}, "dpo": {"preference": PreferenceSection},
+                                                "classify": {"task": TaskSection}}
 # What `lorakit classify` measures on eval data, per task.type (Trainer logs them as eval_<name>), besides the loss;
 # training.metric_for_best_model names one of them.
 CLASSIFY_METRICS = {
@@ -190,6 +208,12 @@ TRAINING_DEFAULTS = {
     "logging_steps": 10,
     "report_to": "none",
     "save_total_limit": 2,  # checkpoints are for resuming; two bound the disk a long run takes
+}
+# Where a training command needs another default than TRAINING_DEFAULTS' (each says why).
+COMMAND_TRAINING_DEFAULTS = {
+    # trl's 1e-6 is for full fine-tuning; 5e-6 is what LLaMA-Factory's and unsloth's LoRA DPO examples use. DPO
+    # moves log-probability ratios, which an SFT rate of 2e-4 overshoots.
+    "dpo": {"learning_rate": 5.0e-6},
 }
 QUANTIZATION_4BIT_DEFAULTS = {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
 

@@ -18,6 +18,7 @@ from lorakit.recipe.sections import (
     SHIPPED_CHAT_TEMPLATES,
     LOCAL_DATA_EXTENSIONS,
     COMMAND_SECTIONS,
+    COMMAND_TRAINING_DEFAULTS,
     TOP_LEVEL,
     TRAINING_DEFAULTS,
     TRAINING_KEYS_OWNED_ELSEWHERE,
@@ -148,6 +149,10 @@ class Validator:
         self.check_evaluation(training, dataset)
         if self.command == "classify":
             check_task(data, sections["task"], lora, training, self.problem)  # classify's own section
+        if self.command == "dpo":  # its start point (a run folder), reference and pair data
+            from lorakit.models.start_point import check_dpo_recipe
+
+            lora = check_dpo_recipe(self, data, model, lora, dataset, sections)
         if self.problems:
             raise RecipeError(self.file, self.problems)
         return Recipe(model=model, data=dataset, lora=lora, training=training, quantization=quantization,
@@ -190,7 +195,8 @@ class Validator:
             local = self.local_path(("model", "name_or_path"), name)
             if local is not None:
                 model["name_or_path"] = str(local)
-                if not (local / "config.json").exists():
+                run_folder = self.command == "dpo" and (local / "adapter_config.json").is_file()  # runs/my-sft
+                if not (local / "config.json").exists() and not run_folder:
                     self.problem(("model", "name_or_path"), f"{local} is a folder but holds no config.json, "
                                  "so it is not a Hugging Face model folder")
             elif looks_like_path(name):
@@ -306,7 +312,7 @@ class Validator:
     def validate_training(self, values: Any) -> dict:
         fields = upstream_fields("training", self.command)
         given = self.check_mapping(("training",), values, fields, extra_hint=TRAINING_KEYS_OWNED_ELSEWHERE)
-        training = {**TRAINING_DEFAULTS, **given}
+        training = {**TRAINING_DEFAULTS, **COMMAND_TRAINING_DEFAULTS.get(self.command, {}), **given}
         if not training.get("output_dir"):
             training["output_dir"] = str(Path("runs") / (self.file.stem if self.file else self.command))
         training["output_dir"] = str(Path(training["output_dir"]).expanduser().absolute())

@@ -1,0 +1,155 @@
+"""`lorakit dpo`: preference tuning (DPO and trl's other pairwise losses) with LoRA or QLoRA through trl's
+DPOTrainer, from a base model or on the adapter of a finished SFT run.
+
+recipe -> start point (lorakit.models.preference_model) -> tokenizer -> pairs (lorakit.data.preferences) ->
+policy and reference on one base -> DPOConfig + DPOTrainer, handed to the shared run lifecycle
+(lorakit.training.lifecycle), which guards the output folder, resumes, trains and saves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lorakit.commands.training_options import relaunch_if_distributed, run_options, training_command
+from lorakit.recipe.load import load_recipe
+from lorakit.recipe.sections import Recipe
+
+
+@training_command
+def command(recipe: str, overrides: tuple[str, ...], **options: Any) -> None:
+    """Preference-tune a model (DPO) as RECIPE describes: from a base model, or from an SFT run folder
+    (model.name_or_path: runs/my-sft), whose adapter is trained further against the SFT model."""
+    relaunch_if_distributed("dpo", recipe, overrides, load_recipe(recipe, overrides, command="dpo").launch, options)
+    run_dpo(recipe, overrides, **run_options(options))
+
+
+def run_dpo(recipe_path: str, overrides: tuple[str, ...] = (), *, output_dir: str | None = None,
+            overwrite: bool = False, no_resume: bool = False, resume_changed: bool = False,
+            device: str | None = None) -> Path:
+    from lorakit.training import lifecycle
+
+    return lifecycle.run_recipe("dpo", recipe_path, overrides, build_dpo, output_dir=output_dir, overwrite=overwrite,
+                                no_resume=no_resume, resume_changed=resume_changed, device=device)
+
+
+def build_dpo(context) -> Any:
+    """Start point, tokenizer, pairs, policy (+ reference) and DPOTrainer: what `lorakit dpo` trains."""
+    from lorakit.data.preferences import prepare_pairs
+    from lorakit.models.loading import load_tokenizer
+    from lorakit.models.preference_model import load_policy, resolve_start, use_chosen_reference
+    from lorakit.training.lifecycle import Built
+
+    recipe, placement = context.recipe, context.placement
+    preference = recipe.sections["preference"]
+    start = resolve_start(recipe.model, preference)
+    click.echo(f"lorakit: loading tokenizer of {start.base['name_or_path']}")
+    tokenizer, template_source = load_tokenizer(start.base)
+    args = build_dpo_config(recipe, placement)
+    click.echo("lorakit: preparing preference pairs")
+    with args.main_process_first(desc="preparing pairs"):
+        data = prepare_pairs(recipe.data, tokenizer, preference["on_bad_rows"], recipe.training.get("seed", 42))
+    click.echo(f"lorakit: loading model on {placement.device} ({placement.dtype})")
+    model, peft_config = load_policy(start, recipe.quantization, placement, recipe.lora,
+                                     gradient_checkpointing=bool(args.activation_checkpointing))
+    trainer = pretokenized_dpo_trainer()(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                                         processing_class=tokenizer, peft_config=peft_config,
+                                         callbacks=context.callbacks)
+    use_chosen_reference(trainer, start)
+    summary = [*start.summary_rows(), ("chat template", template_source),
+               ("loss", f"{'+'.join(args.loss_type)}, beta {args.beta:g}"), *pair_rows(data.reports, recipe)]
+    return Built(trainer=trainer, tokenizer=tokenizer, has_eval=data.eval is not None, summary=summary,
+                 record={**start.to_record(), "data": {split: r.to_dict() for split, r in data.reports.items()}},
+                 save=save_policy)
+
+
+def pretokenized_dpo_trainer() -> type:
+    """trl's DPOTrainer, on pairs lorakit has tokenized already.
+
+    DPOTrainer has no path for tokenized pairs: it would render them again, with the template's separator after
+    the end-of-turn token scored and no file or row to name when a row is bad. Its one dataset hook is skipped.
+    """
+    from trl import DPOTrainer
+
+    class PretokenizedDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    return PretokenizedDPOTrainer
+
+
+def build_dpo_config(recipe: Recipe, placement) -> Any:
+    """trl.DPOConfig from the recipe's training section plus what lorakit decides for this machine (as for sft)."""
+    from trl import DPOConfig
+
+    settings = dict(recipe.training)
+    settings["max_length"] = recipe.data["max_length"]  # the pairs are already cut to it
+    on_gpu = placement.device in ("cuda", "xpu")
+    if placement.device == "cpu":
+        settings["use_cpu"] = True
+    if not recipe.quantization:
+        settings.setdefault("bf16", placement.dtype == "bfloat16" and on_gpu)
+        settings.setdefault("fp16", placement.dtype == "float16" and on_gpu)
+    else:
+        settings.setdefault("bf16", placement.dtype == "bfloat16")
+        settings.setdefault("fp16", False)
+    alias = settings.pop("gradient_checkpointing", None)
+    settings.setdefault("activation_checkpointing", on_gpu if alias is None else alias)
+    if recipe.early_stopping:
+        settings.setdefault("eval_strategy", "steps")
+        settings.setdefault("eval_steps", 0.1)
+        settings.setdefault("save_strategy", settings["eval_strategy"])
+        settings.setdefault("save_steps", settings["eval_steps"])
+        settings.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
+    elif recipe.has_eval:
+        settings.setdefault("eval_strategy", "steps")
+        settings.setdefault("eval_steps", 0.25)
+    settings.setdefault("per_device_eval_batch_size", settings.get("per_device_train_batch_size", 8))
+    # As for sft: lorakit prunes complete checkpoints itself, keeps the global batch on retries, reports NaN.
+    settings.pop("save_total_limit", None)
+    settings.pop("auto_find_batch_size", None)
+    settings.setdefault("logging_nan_inf_filter", False)
+    settings.setdefault("ddp_find_unused_parameters", False)
+    return DPOConfig(**settings)
+
+
+def pair_rows(reports: dict, recipe: Recipe) -> list[tuple[str, str]]:
+    """Summary rows for the pairs: counts, scored tokens, lengths, what was cut or left out, per source."""
+    max_length = recipe.data["max_length"]
+    rows = []
+    for split, report in reports.items():
+        stats = report.length_stats()
+        rows.append((f"{split} pairs", f"{report.rows:,} pairs, {report.tokens:,} tokens ({report.trained_tokens:,} "
+                     f"scored: the responses); longer sequence median {stats.get('median')}, max {stats.get('max')}"))
+        cut = [f"{n} {reason}" for reason, n in report.dropped_bad_rows.items()]
+        if report.truncated:
+            cut.append(f"{report.truncated} truncated to {max_length} tokens")
+        if report.dropped_too_long:
+            cut.append(f"{report.dropped_too_long} longer than {max_length} tokens")
+        if report.dropped_no_trained_tokens:
+            cut.append(f"{report.dropped_no_trained_tokens} whose prompt alone fills {max_length} tokens")
+        if cut:
+            rows.append(("", "left out or cut: " + "; ".join(cut)))
+        for source in report.sources:
+            rows.append(("", f"{source.name}: {source.format}, {source.used_rows:,} of {source.rows:,} rows"))
+    return rows
+
+
+def save_policy(trainer, out: Path) -> None:
+    """The trained adapter alone (not trl's frozen reference copy), in safetensors, and the tokenizer.
+
+    As `lorakit sft` saves it, the tokenizer's EOS is the chat template's end-of-turn token, so generation with
+    plain transformers stops where a reply ends.
+    """
+    from lorakit.models.loading import end_of_turn_token
+    from lorakit.models.preference_model import POLICY_ADAPTER
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.save_pretrained(out, safe_serialization=True, selected_adapters=[POLICY_ADAPTER])
+    tokenizer = trainer.processing_class
+    end = end_of_turn_token(tokenizer)
+    if end and end != tokenizer.eos_token:
+        tokenizer.eos_token = end
+    tokenizer.save_pretrained(out)
