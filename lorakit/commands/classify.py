@@ -80,12 +80,12 @@ def build_classify(context) -> Any:
 
     return Built(trainer=trainer, tokenizer=tokenizer, has_eval=data.eval is not None, save=save,
                  summary=[*classifier.trainable_rows(model, head, task["head_only"]),
-                          *task_rows(data, task, args, recipe)],
+                          *task_rows(data, task, recipe), *best_rows(args)],
                  record={"task": record, "data": {split: report.to_dict() for split, report in data.reports.items()}})
 
 
-def task_rows(data, task: dict, args, recipe: Recipe) -> list[tuple[str, str]]:
-    """Summary rows: the labels and their counts (class imbalance shows), what was left out, how the best is kept."""
+def task_rows(data, task: dict, recipe: Recipe) -> list[tuple[str, str]]:
+    """Summary rows: the labels and their counts (class imbalance shows), and what was left out."""
     labels = data.labels
     rows = []
     for split, report in data.reports.items():
@@ -114,11 +114,15 @@ def task_rows(data, task: dict, args, recipe: Recipe) -> list[tuple[str, str]]:
         rows += [("", text) for text in cut]
     rows.append(("task", f"{labels.type}, {labels.num_labels} label{'s' if labels.num_labels != 1 else ''}"
                          + (", class weights balanced" if task["class_weights"] else "")))
-    if args.load_best_model_at_end:
-        every = f"{args.eval_steps:.0%} of the steps" if args.eval_steps < 1 else f"{args.eval_steps:g} steps"
-        rows.append(("best", f"the adapter with the best {args.metric_for_best_model} on eval data is kept "
-                             f"(evaluated every {every})"))
     return rows
+
+
+def best_rows(args) -> list[tuple[str, str]]:
+    if not args.load_best_model_at_end:
+        return []
+    every = f"{args.eval_steps:.0%} of the steps" if args.eval_steps < 1 else f"{args.eval_steps:g} steps"
+    return [("best", f"the adapter with the best {args.metric_for_best_model} on eval data is kept "
+                     f"(evaluated every {every})")]
 
 
 def build_training_arguments(recipe: Recipe, placement, has_eval: bool) -> Any:
@@ -164,3 +168,56 @@ def build_training_arguments(recipe: Recipe, placement, has_eval: bool) -> Any:
         return TrainingArguments(**settings)
     except ValueError as error:  # combinations TrainingArguments refuses (save and eval steps that do not line up)
         raise LorakitError(f"training: {str(error).strip().splitlines()[0]}") from None
+
+
+# ---------------------------------------------------------------- lorakit validate on a classify recipe
+
+
+def check_classify_recipe(recipe: Recipe, findings, samples: int = 2) -> None:
+    """What `lorakit classify` does before its first step, without loading weights: the tokenizer, the model's
+    config and its head, the labelled rows (counts per label, what is left out), and a few rows as the head sees
+    them."""
+    from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+    from lorakit.checks.inputs import load_model_config
+    from lorakit.data.classification import balanced_weights, prepare_classification_data
+    from lorakit.errors import LorakitError
+    from lorakit.models.classifier import load_classifier_tokenizer
+
+    task = recipe.sections["task"]
+    try:
+        tokenizer = load_classifier_tokenizer(recipe.model)
+    except LorakitError as error:
+        findings.problem(str(error))
+        tokenizer = None
+    config = load_model_config(recipe, findings, report_failure=tokenizer is not None)
+    if config is not None:
+        if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
+            findings.problem(f"model.name_or_path: transformers has no sequence-classification head for "
+                             f"{config.model_type} models (AutoModelForSequenceClassification)")
+        layers = recipe.lora.get("layers_to_transform")
+        count = getattr(config.get_text_config(), "num_hidden_layers", None)
+        wanted = [layers] if isinstance(layers, int) else list(layers or [])
+        if count is not None and any(not 0 <= layer < count for layer in wanted):
+            findings.problem(f"lora.layers_to_transform: the model has layers 0-{count - 1}")
+    if tokenizer is None:
+        return
+    try:
+        data = prepare_classification_data(recipe.data, task, tokenizer, recipe.training.get("seed", 42))
+        if task["class_weights"] == "balanced":
+            balanced_weights(data.reports["train"], data.labels)
+    except LorakitError as error:
+        findings.problem(str(error))
+        return
+    findings.ok(f"labels: {data.labels.type}, {data.labels.num_labels}: {', '.join(data.labels.names[:20])}"
+                + (" ..." if data.labels.num_labels > 20 else ""))
+    for key, text in task_rows(data, task, recipe):
+        (findings.warning if "no rows of" in text else findings.ok)(f"{key}: {text}" if key else f"  {text}")
+    for index in range(min(samples, len(data.train))):
+        row = data.train[index]
+        label = row["labels"]
+        shown = data.labels.names[label] if data.labels.type == "classification" else label
+        text = tokenizer.decode(row["input_ids"])
+        click.echo(f"\n  example {index + 1} ({len(row['input_ids'])} tokens, label {shown}):\n    "
+                   + (text if len(text) <= 300 else text[:297] + "...").replace("\n", "\n    "))
+    click.echo("")

@@ -18,6 +18,9 @@ from lorakit.errors import LorakitError
 
 TASK_FILE = "lorakit_task.json"  # beside the adapter: the task and the head's config (labels, problem type, pad id)
 AUTO_CLASS = "AutoModelForSequenceClassification"
+# The heads' module names across transformers' sequence classifiers (decoders: score; encoders: classifier, with a
+# pre_classifier or pooler in front in some).
+HEAD_MODULES = ("score", "classifier", "pre_classifier", "pooler")
 
 
 def load_classifier_tokenizer(model_section: dict):
@@ -49,13 +52,22 @@ def load_classifier(recipe, placement, labels, tokenizer, *, gradient_checkpoint
     """(the base with its new head, the names of the modules the checkpoint did not have)."""
     from lorakit.models.loading import load_model
 
+    quantization = head_unquantized(recipe.quantization)
     # A checkpoint that already is a classifier with another number of labels gets a new head of the right size.
-    model, info = load_model(recipe.model, recipe.quantization, placement, gradient_checkpointing=gradient_checkpointing,
+    model, info = load_model(recipe.model, quantization, placement, gradient_checkpointing=gradient_checkpointing,
                              auto_class=AUTO_CLASS, output_loading_info=True, ignore_mismatched_sizes=True,
                              **labels.head_config(tokenizer.pad_token_id))
     new = [key for key in info["missing_keys"]] + [entry[0] if isinstance(entry, tuple) else entry
                                                    for entry in info.get("mismatched_keys") or []]
     return model, new_modules(model, set(new))
+
+
+def head_unquantized(quantization: dict | None) -> dict | None:
+    """The recipe's quantization with the head left out: it trains in full, so bitsandbytes must not quantize it
+    (nor the parts in front of it in bigger heads)."""
+    if quantization and "llm_int8_skip_modules" not in quantization:
+        return {**quantization, "llm_int8_skip_modules": list(HEAD_MODULES)}
+    return quantization
 
 
 def new_modules(model, new_keys: set[str]) -> list[str]:
@@ -209,7 +221,7 @@ def load_classifier_target(target, placement, task: dict) -> Any:
     from lorakit.models.loading import load_model
 
     if target.adapter_path is not None:
-        model = load_model(target.model_section, target.quantization, placement, **head_kwargs(task))
+        model = load_model(target.model_section, head_unquantized(target.quantization), placement, **head_kwargs(task))
         model = attach_adapter(model, target.adapter_path, target.model_section["name_or_path"])
     else:
         model = load_model(target.model_section, None, placement, auto_class=AUTO_CLASS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from lorakit.recipe.sections import CLASSIFY_METRICS
+from lorakit.recipe.sections import CLASSIFY_METRICS, LORA_DEFAULTS
 
 
 def check_task(raw: dict, task: dict, lora: dict, training: dict, problem: Callable[[tuple, str], None]) -> None:
@@ -33,7 +33,10 @@ def check_task(raw: dict, task: dict, lora: dict, training: dict, problem: Calla
     if isinstance(raw_lora, dict) and raw_lora.get("task_type") not in (None, "SEQ_CLS"):
         problem(("lora", "task_type"), "classify trains a sequence-classification head: SEQ_CLS, which lorakit "
                 "sets; remove the key")
-    if task.get("head_only") and raw_lora:
+    # A resolved recipe writes lorakit's LoRA defaults out in full; only a setting of the user's means LoRA was meant.
+    settings = [key for key, value in (raw_lora if isinstance(raw_lora, dict) else {}).items()
+                if key != "task_type" and LORA_DEFAULTS.get(key) != value]
+    if task.get("head_only") and settings:
         problem(("lora",), "task.head_only trains the head alone, without LoRA: remove the lora section, or set "
                 "task.head_only: false")
     lora["task_type"] = "SEQ_CLS"

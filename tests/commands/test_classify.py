@@ -183,6 +183,10 @@ def test_an_encoder_trains_with_lora_and_a_linear_probe_trains_the_head_alone(tm
     assert set(weights) == {"base_model.model.classifier.weight", "base_model.model.classifier.bias"}
     trainable = record(probe)["parameters"]["trainable"]
     assert trainable == 3 * 64 + 3  # the head and nothing else
+    from lorakit.commands.evaluate import run_eval
+
+    report = run_eval(str(probe))  # its resolved recipe (lorakit's LoRA defaults written out) reads back
+    assert report["metrics"]["model"]["accuracy"] == pytest.approx(record(probe)["metrics"]["eval_accuracy"])
 
 
 # ---------------------------------------------------------------- the run read back
@@ -339,3 +343,23 @@ def test_multi_label_and_regression_heads_learn(tiny_llama, tmp_path, kind, colu
     assert task["head"]["problem_type"] == {"multi_label": "multi_label_classification",
                                             "regression": "regression"}[kind]
     assert task["head"]["num_labels"] == (3 if kind == "multi_label" else 1)
+
+
+@pytest.mark.slow
+def test_a_qlora_classifier_keeps_its_head_unquantized_and_merges_into_the_original_weights(tiny_llama, tmp_path):
+    from safetensors.torch import load_file
+
+    from lorakit.commands.classify import run_classify
+    from lorakit.commands.evaluate import run_eval
+
+    recipe = write_toy_recipe(tmp_path, tiny_llama, tmp_path / "run", steps=20,
+                              extra="quantization:\n  load_in_4bit: true\n")
+    run = run_classify(str(recipe))
+    assert record(run)["metrics"]["eval_accuracy"] > 0.5
+    head = load_file(run / "adapter_model.safetensors")["base_model.model.score.weight"]
+    assert head.shape == (3, 64) and head.is_floating_point()
+    report = run_eval(str(run))  # loaded as trained: the 4-bit base with its full-precision head
+    assert report["metrics"]["model"]["accuracy"] == pytest.approx(record(run)["metrics"]["eval_accuracy"])
+    result = CliRunner().invoke(main, ["merge", str(run), "--output", str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "merged" / "lorakit_task.json").is_file()
