@@ -67,7 +67,9 @@ def merge_run(run_dir: str | os.PathLike, *, output: str | os.PathLike | None = 
     out = Path(output) if output else run.parent / f"{run.resolve().name}-merged"
     check_output_folder(out)
     target = resolve_target(str(run))
-    into = choose_into(into, target.quantization)
+    if read_task(run) and into == "dequantized":  # load_dequantized_base builds causal LMs only
+        raise LorakitError("--into dequantized: not for a classify run; merge it with --into original (its default)")
+    into = choose_into(into, None if read_task(run) else target.quantization)
     with hold_lock(out, "lorakit merge"):  # a second merge into the same folder is refused, not interleaved
         check_output_folder(out)  # again, now that no one else can be writing it
         return merge_locked(run, out, target, base, dtype, device, into)
