@@ -38,7 +38,7 @@ OVERRIDES_HELP = "OVERRIDES are dotted recipe paths, e.g. training.learning_rate
               help="Processes the run will use, as for `lorakit sft`; same as launch.num_processes.")
 @click.option("--accelerate-config", type=click.Path(dir_okay=False), default=None,
               help="accelerate config the run will use, as for `lorakit sft`; same as launch.accelerate_config.")
-@click.option("--command", "command_name", type=click.Choice(["sft", "dpo"]), default=None,
+@click.option("--command", "command_name", type=click.Choice(["sft", "dpo", "classify"]), default=None,
               help="The training command the recipe is for (default: from its first line, `# lorakit dpo ...`; "
                    "else sft).")
 def command(recipe: str, overrides: tuple[str, ...], samples: int, gpu_memory: str | None, device: str | None,
@@ -99,6 +99,11 @@ def validate(recipe_path: str, overrides: tuple[str, ...] = (), *, samples: int 
         findings.ok(sweep_note)  # each trial has its own folder in the sweep's: no output folder to check here
     else:
         check_output_dir(recipe.output_dir, findings)
+    if command == "classify":  # the tokenizer, the head for this model, the labelled rows and their counts
+        from lorakit.commands.classify import check_classify_recipe
+
+        check_classify_recipe(recipe, findings, samples=samples)
+        return findings
     if command == "dpo":  # the start point, pairs and their scored tokens, a preference step's memory
         from lorakit.checks.preferences import check_dpo_run
 
