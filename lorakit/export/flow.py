@@ -25,8 +25,10 @@ DEFAULT_QUANT = "f16"
 def run_export(name: str, *, to: str, quant: str | None = None, output: str | os.PathLike | None = None,
                verify: bool = True, adapter_only: bool = False, dtype: str = "auto", device: str = "cpu") -> Path:
     from lorakit.export import converter
+    from lorakit.models.loading import quiet_upstream_logs
     from lorakit.models.merge import check_output_folder
 
+    quiet_upstream_logs()
     source_path = Path(name).expanduser()
     if not source_path.exists():
         raise LorakitError(f"{name}: no such run or model folder")
@@ -112,6 +114,12 @@ def export_model(name: str, to: str, partial: Path, out: Path, quant: str | None
     if verify:
         check = checks.verify_gguf(gguf_file, source.reference, quant, settings["tokenizer"], source.tokenizer,
                                    source.conversations)
+        known = gguf_export.runtime_knows_pre_tokenizer(llama_cpp, record["gguf"]["pre_tokenizer"])
+        check["llama_cpp_knows_pre_tokenizer"] = known
+        if known is False:
+            check["problems"].append(f"llama.cpp's runtime ({llama_cpp / 'src'}) does not know the pre-tokenizer "
+                                     f"{record['gguf']['pre_tokenizer']!r} written in the GGUF")
+            check["passed"] = False
         from lorakit.export.llama_cpp_check import run_llama_cpp
 
         check["llama_cpp"] = run_llama_cpp(gguf_file, source.reference, source.tokenizer, source.conversations)

@@ -11,6 +11,9 @@ from lorakit.errors import LorakitError
 from lorakit.export import converter
 from lorakit.export.vocabulary import check_texts, gpt2_split_fits, tokenizer_settings
 
+# llama.cpp's name for GPT-2's word splitting in tokenizer.ggml.pre (its runtime refuses "gpt2").
+GPT2_PRE_TOKENIZER = "gpt-2"
+
 
 def gguf_metadata(name: str, base_name: str | None) -> dict:
     """general.* keys, in the converter's own --metadata format: the export's name and the model it came from."""
@@ -29,7 +32,7 @@ def gguf_metadata(name: str, base_name: str | None) -> dict:
 def converter_settings(source, stops: list[int], name: str) -> dict:
     """What the driver adds to the converter: tokenizer keys, metadata, and the pre-tokenizer where proved."""
     reason = gpt2_split_fits(source.tokenizer, check_texts(source.tokenizer, source.conversations))
-    return {"pre_tokenizer": None if reason else "gpt2", "pre_tokenizer_refusal": reason,
+    return {"pre_tokenizer": None if reason else GPT2_PRE_TOKENIZER, "pre_tokenizer_refusal": reason,
             "tokenizer": tokenizer_settings(source.tokenizer, stops),
             "metadata": gguf_metadata(name, source.base_name)}
 
@@ -69,3 +72,11 @@ def convert(source, settings: dict, target: Path, outtype: str, llama_cpp: Path,
         raise
     if not target.is_file():
         raise LorakitError(f"llama.cpp's converter finished without writing {target.name}; nothing was written")
+
+
+def runtime_knows_pre_tokenizer(llama_cpp: Path, name: str | None) -> bool | None:
+    """Whether the llama.cpp runtime of these sources accepts tokenizer.ggml.pre NAME (None: cannot tell)."""
+    vocab = llama_cpp / "src" / "llama-vocab.cpp"
+    if name is None or not vocab.is_file():
+        return None
+    return f'tokenizer_pre == "{name}"' in vocab.read_text(encoding="utf-8", errors="replace")

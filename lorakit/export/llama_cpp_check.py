@@ -26,8 +26,9 @@ def run_llama_cpp(file: Path, reference, tokenizer, conversations: list[list[dic
     from lorakit.export.vocabulary import check_texts
 
     click.echo(f"  running {file.name} with llama.cpp (llama-cpp-python {llama_cpp.__version__})")
-    context = max(512, max(len(s) for s in reference.sequences) + MAX_NEW_TOKENS + 8)
-    llm = Llama(model_path=str(file), n_ctx=context, n_threads=os.cpu_count() or 1, seed=0, verbose=False)
+    context = max(len(s) for s in reference.sequences) + MAX_NEW_TOKENS + 8
+    llm = Llama(model_path=str(file), n_ctx=context, n_batch=context, n_threads=os.cpu_count() or 1, seed=0,
+                logits_all=True, verbose=False)
     problems = []
 
     texts = check_texts(tokenizer, conversations)
@@ -53,29 +54,30 @@ def run_llama_cpp(file: Path, reference, tokenizer, conversations: list[list[dic
     else:
         problems.append("the GGUF has no tokenizer.chat_template that llama.cpp can read")
 
-    same_replies = stops_agree = 0
-    for prompt, expected, stopped in zip(reference.prompts, reference.replies, reference.stopped):
-        reply, ended = [], False
-        for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            if llama_cpp.llama_vocab_is_eog(vocab.vocab, token):
-                ended = True
-                break
-            reply.append(token)
-            if len(reply) >= MAX_NEW_TOKENS:
-                break
-        same_replies += reply == expected
-        # Where the replies are the same tokens, llama.cpp must stop exactly where the model stops.
-        if reply == expected and ended != stopped:
-            problems.append(f"llama.cpp {'stops' if ended else 'does not stop'} after a reply where the model "
-                            f"{'does not' if ended else 'does'}")
-        stops_agree += ended == stopped
+    # Greedy replies by teacher forcing, as in lorakit.export.verify: llama.cpp's reply is the model's when its
+    # argmax at every reply position is the reply's next token; a reply that ended on a stop token must end on
+    # one of llama.cpp's own end-of-generation tokens.
+    same_replies = stops_kept = 0
+    for prompt, sequence, stopped in zip(reference.prompts, reference.sequences, reference.stopped):
+        llm.reset()
+        llm.eval(sequence)
+        picks = llm.scores[len(prompt) - 1:len(sequence) - 1].argmax(-1).tolist()
+        same_replies += picks == sequence[len(prompt):]
+        if stopped:
+            kept = bool(llama_cpp.llama_vocab_is_eog(vocab.vocab, sequence[-1]))
+            stops_kept += kept
+            if not kept:
+                problems.append(f"the model's replies end on token {sequence[-1]}, which llama.cpp does not treat "
+                                "as an end of generation")
     figures = {"ran": True, "version": llama_cpp.__version__, "tokenizer_texts_identical": split_alike,
                "tokenizer_texts": len(texts), "chat_prompts_identical": same_prompts,
-               "greedy_replies_identical": same_replies, "stopping_agrees": stops_agree,
+               "greedy_replies_identical": same_replies, "stops_at_end_of_turn": stops_kept,
+               "model_replies_stopped": sum(reference.stopped),
                "conversations": len(reference.prompts), "problems": problems}
     click.echo(f"  llama.cpp: tokenizer identical on {split_alike}/{len(texts)} texts, chat prompts from the "
                f"GGUF's template identical {same_prompts}/{len(conversations)}, greedy replies identical "
-               f"{same_replies}/{len(reference.prompts)}, stopping agrees {stops_agree}/{len(reference.prompts)}"
+               f"{same_replies}/{len(reference.prompts)}, stops on {stops_kept}/{sum(reference.stopped)} of the model's "
+               "end-of-turn tokens"
                + ("" if not problems else "  FAILED"))
     del llm
     return figures

@@ -85,14 +85,14 @@ def find_pieces(tokenizer, bos_added: bool) -> Pieces:
     if settled != head + user_before + USER + user_after:
         raise fail("the first message renders differently from later ones")
     pieces = Pieces(head, "", "", "none", None, user_before, user_after, reply_before, reply_after)
-    find_system(tokenizer, pieces, fail)
+    find_system(tokenizer, pieces, fail, bos_added)
     if bos_added and tokenizer.bos_token and pieces.head.startswith(tokenizer.bos_token):
         pieces.head = pieces.head[len(tokenizer.bos_token):]
         pieces.bos_left_out = tokenizer.bos_token
     return pieces
 
 
-def find_system(tokenizer, pieces: Pieces, fail) -> None:
+def find_system(tokenizer, pieces: Pieces, fail, bos_added: bool) -> None:
     """How the template writes a system prompt; a template that refuses the system role keeps mode "none".
 
     Without a system prompt, a template writes either no system block (ChatML), the block with a default prompt
@@ -114,7 +114,7 @@ def find_system(tokenizer, pieces: Pieces, fail) -> None:
         return
     if plain.startswith(before) and plain.endswith(after) and len(plain) >= len(before) + len(after):
         default = plain[len(before):len(plain) - len(after)]
-        bos = tokenizer.bos_token or ""
+        bos = (tokenizer.bos_token or "") if bos_added else ""  # BOS as text starts the head only if it is BOS
         pieces.head = bos if bos and before.startswith(bos) else ""
         pieces.system_before, pieces.system_after = before[len(pieces.head):], after
         pieces.system_mode, pieces.default_system = ("always", None) if not default else ("if-given", default)

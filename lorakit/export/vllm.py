@@ -88,12 +88,13 @@ def serve_merged(folder: Path, name: str) -> str:
     return f"vllm serve {folder.resolve()} --served-model-name {name}"
 
 
-def serve_adapter(base: str, folder: Path, name: str, max_lora_rank: int) -> str:
-    """The serve line: the base, the adapter under NAME, the rank, and the run's chat template and stop tokens."""
+def serve_adapter(base: str, written: Path, folder: Path, name: str, max_lora_rank: int) -> str:
+    """The serve line for `folder` (its files are in `written` until the export is put in place): the base, the
+    adapter under NAME, the rank, and the run's chat template and stop tokens."""
     parts = [f"vllm serve {base} --enable-lora --lora-modules {name}={folder.resolve()}"]
     if max_lora_rank > 16:
         parts.append(f"--max-lora-rank {max_lora_rank}")
-    if (folder / "chat_template.jinja").is_file():
+    if (written / "chat_template.jinja").is_file():
         parts.append(f"--chat-template {(folder / 'chat_template.jinja').resolve()}")
     parts.append(f"--generation-config {folder.resolve()}")
     return " ".join(parts)
