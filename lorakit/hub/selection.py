@@ -41,6 +41,7 @@ ALLOWED = [
     (run_dir.RECORD_FILE, "run record"),
     (card.EVAL_FILE, "eval report"),
     (card.MERGE_FILE, "merge check"),
+    ("lorakit_task.json", "classifier task (labels and head config, as lorakit classify wrote them)"),
     ("README.md", "model card (yours, from the folder)"),
 ]
 # Formats that run code when loaded; a model repo gets safetensors only.
