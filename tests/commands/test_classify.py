@@ -290,6 +290,27 @@ def test_a_head_of_the_labels_size_on_a_decoder_and_an_encoder(tiny_llama, tmp_p
         assert getattr(peft_model.base_model.model, head).modules_to_save["default"].out_features == 4
 
 
+def test_a_checkpoint_that_is_a_classifier_of_other_labels_gets_a_new_head(tiny_llama, tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from lorakit.data.classification import LabelSpace
+    from lorakit.models.classifier import load_classifier, load_classifier_tokenizer
+    from lorakit.models.loading import choose_placement
+    from lorakit.recipe.load import load_recipe
+
+    five = tmp_path / "five-labels"
+    old = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=5)
+    old.save_pretrained(five)
+    load_classifier_tokenizer({"name_or_path": str(tiny_llama)}).save_pretrained(five)
+    recipe = load_recipe(write_toy_recipe(tmp_path, five, tmp_path / "run"), command="classify")
+    model, new = load_classifier(recipe, choose_placement({"device": "cpu"}), LabelSpace("classification", ["a", "b"]),
+                                 load_classifier_tokenizer(recipe.model))
+    assert new == ["score"] and model.score.weight.shape == (2, 64)
+    layer = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(model.state_dict()[layer], old.state_dict()[layer])  # the rest comes from the checkpoint
+
+
 def test_layers_outside_the_model_are_refused_by_number(tiny_llama, tmp_path):
     from lorakit.data.classification import LabelSpace
     from lorakit.errors import LorakitError

@@ -65,3 +65,11 @@ def test_validate_checks_a_classify_recipe_and_names_a_bad_row(tmp_path, tiny_ll
     assert result.exit_code == 0, result.output
     assert "1 dropped for their label" in result.output and "train data: 2 rows" in result.output
     assert "the run can start: lorakit classify" in result.output
+
+
+def test_the_task_keys_in_docs_classify_are_the_field_docs():
+    from lorakit.recipe.reference import _table
+    from lorakit.recipe.sections import TaskSection
+
+    page = (recipes_dir().parent / "docs" / "classify.md").read_text(encoding="utf-8")
+    assert "\n".join(_table(TaskSection, "task.")) in page, "regenerate the task table in docs/classify.md"
