@@ -212,6 +212,17 @@ def test_merge_gives_a_folder_plain_transformers_and_pipeline_load_with_equal_lo
     classify = pipeline("text-classification", model=str(merged))
     answers = classify(texts)
     assert [a["label"] for a in answers] == [model.config.id2label[i] for i in actual.argmax(-1).tolist()]
+    # eval and predict read the merged folder as they read the run
+    result = CliRunner().invoke(main, ["eval", str(merged), "--data", str(llama_run.parent / "eval.jsonl"),
+                                       "--compare-base"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((merged / "lorakit_eval.json").read_text())
+    assert report["metrics"]["model"]["accuracy"] == pytest.approx(record(llama_run)["metrics"]["eval_accuracy"])
+    assert set(report["metrics"]) == {"model", "majority"}  # a merged folder has no untrained head to compare
+    result = CliRunner().invoke(main, ["predict", str(merged), "--data", str(llama_run.parent / "eval.jsonl"),
+                                       "--output", str(tmp_path / "p.csv")])
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 41  # the header and every row
 
 
 @pytest.mark.slow
