@@ -138,12 +138,16 @@ def run_locked(recipe: Recipe, build: Callable[[RunContext], Built], *, overwrit
     stop = guards.StopOnSignal()
     built = build(RunContext(recipe, placement, fingerprint, [*build_callbacks(recipe, stop), *callbacks], resume_from))
     trainer = built.trainer
+    from lorakit.training import plots, progress
+
+    progress.replace_progress_bar(trainer, progress.Progress())  # one readable line per log, not raw dicts
     trainable, total = count_parameters(trainer.model)
     steps = planned_steps(trainer)
     if trainer.is_world_process_zero():
         from lorakit.training.summary import print_summary
 
-        print_summary(recipe, placement, built.summary, trainable, total, trainer, steps, resume_from)
+        rows = [*built.summary, *progress.memory_estimate_row(recipe, placement, trainer.model, built.record)]
+        print_summary(recipe, placement, rows, trainable, total, trainer, steps, resume_from)
         out.mkdir(parents=True, exist_ok=True)
         (out / run_dir.RECIPE_FILE).write_text(recipe.dump(), encoding="utf-8")
         run_dir.write_record(out, new_record(recipe, fingerprint, placement, built.record, trainable, total, steps,
@@ -158,6 +162,7 @@ def run_locked(recipe: Recipe, build: Callable[[RunContext], Built], *, overwrit
             if trainer.is_world_process_zero():
                 run_dir.update_record(out, status=run_dir.FAILED, failure=describe_failure(error),
                                       log_history=trainer.state.log_history)
+                plots.write_loss_plot(out, trainer.state.log_history, f"{out.name} (failed)")
             raise
         if stop.stopped_at_step is not None and trainer.state.global_step < trainer.state.max_steps:
             checkpoint = f"checkpoint-{trainer.state.global_step}"
@@ -165,6 +170,8 @@ def run_locked(recipe: Recipe, build: Callable[[RunContext], Built], *, overwrit
                 run_dir.update_record(out, status=run_dir.INTERRUPTED, log_history=trainer.state.log_history,
                                       interrupted={"signal": stop.signal_name, "step": trainer.state.global_step,
                                                    "checkpoint": checkpoint})
+                plots.write_loss_plot(out, trainer.state.log_history, f"{out.name} (interrupted at step "
+                                      f"{trainer.state.global_step})")
             raise RunInterrupted(
                 f"stopped by {stop.signal_name} at step {trainer.state.global_step} of {trainer.state.max_steps}; "
                 f"{checkpoint} saved in {out}. Run the same command again to resume from it.")
@@ -179,10 +186,14 @@ def run_locked(recipe: Recipe, build: Callable[[RunContext], Built], *, overwrit
             run_dir.remove_checkpoints(out)
             run_dir.update_record(out, status=run_dir.COMPLETED, metrics=metrics,
                                   log_history=trainer.state.log_history, train_seconds=round(time.time() - started, 1))
-            from lorakit.training.summary import print_final_metrics
+            plot = plots.write_loss_plot(out, trainer.state.log_history, out.name)
+            from lorakit.hub.card import write_card
 
-            click.echo(f"lorakit: done; adapter, tokenizer and run record in {out}")
-            print_final_metrics(metrics, trainer.state.log_history)
+            write_card(out)  # lorakit's card in place of trl's, naming the base by Hub id (push rebuilds it)
+            click.echo(f"lorakit: done; adapter, tokenizer, run record, model card{' and loss.png' if plot else ''} "
+                       f"in {out}")
+            click.echo(progress.final_line(metrics, trainer.state.log_history,
+                                           progress.measured_peak_memory(placement.device)))
     return out
 
 

@@ -15,7 +15,7 @@ from lorakit.cli import main
 from lorakit.training.run_dir import MANIFEST_FILE, RECIPE_FILE, RECORD_FILE
 
 EXPECTED_FILES = {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                  "chat_template.jinja", RECIPE_FILE, RECORD_FILE, MANIFEST_FILE, "README.md",
+                  "chat_template.jinja", RECIPE_FILE, RECORD_FILE, MANIFEST_FILE, "README.md", "loss.png",
                   "generation_config.json"}
 
 

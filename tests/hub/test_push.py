@@ -202,7 +202,8 @@ def test_push_uploads_exactly_the_allow_list_byte_for_byte(run_folder, hub):
 
     assert result.exit_code == 0, result.output
     expected = ["adapter_config.json", "adapter_model.safetensors", "additional_chat_templates/tool_use.jinja",
-                "chat_template.jinja", "lorakit_recipe.yaml", "lorakit_run.json", "tokenizer.json",
+                "chat_template.jinja", "generation_config.json", "lorakit_recipe.yaml", "lorakit_run.json", "loss.png",
+                "tokenizer.json",
                 "tokenizer_config.json"]
     arrived = hub.files("alice/facts-lora")
     assert sorted(arrived) == sorted([".gitattributes", "README.md", *expected])
