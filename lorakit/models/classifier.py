@@ -283,3 +283,29 @@ def classifier_skeleton(base_config, task: dict, trust_remote_code: bool = False
         if key != "auto_class":
             setattr(config, key, value)
     return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+
+
+# ---------------------------------------------------------------- the model card's "How to use" (lorakit.hub.card)
+
+
+def card_usage(adapter: bool, load_from: str, hub_base: str | None, revision: str | None) -> str:
+    """How to load and run the classifier: plain peft on the base with the run's head, or the merged folder.
+    `hub_base`: the base's Hub id, None when it was a local folder."""
+    if adapter:
+        pin = f', revision="{revision}"' if revision else ""
+        where = f'"{hub_base}"{pin}' if hub_base else '"path/to/base-model"'  # a local base is not named
+        local = Path(load_from).expanduser().is_dir()  # the card in the run folder itself, not yet on the Hub
+        task_file = f'"{Path(load_from) / TASK_FILE}"' if local else f'hf_hub_download("{load_from}", "{TASK_FILE}")'
+        lines = ["import json", "", *([] if local else ["from huggingface_hub import hf_hub_download"]),
+                 "from peft import PeftModel", "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+                 "", f"task = json.load(open({task_file}))  # the labels and the head's config",
+                 f"base = AutoModelForSequenceClassification.from_pretrained({where}, **task[\"head\"])",
+                 f'model = PeftModel.from_pretrained(base, "{load_from}")',
+                 f'tokenizer = AutoTokenizer.from_pretrained("{load_from}")', "",
+                 'logits = model(**tokenizer("Text to label", return_tensors="pt")).logits',
+                 'print(task["labels"][logits.argmax(-1).item()])']
+    else:
+        lines = ["from transformers import pipeline", "",
+                 f'classify = pipeline("text-classification", model="{load_from}")',
+                 'print(classify("Text to label"))  # [{"label": ..., "score": ...}]']
+    return "```python\n" + "\n".join(lines) + "\n```\n"
