@@ -72,7 +72,7 @@ def build_classify(context) -> Any:
     trainer = Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                       processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
                       compute_metrics=trainer_metrics(data.labels.type, data.labels.names) if data.eval else None,
-                      compute_loss_func=loss, callbacks=context.callbacks)
+                      compute_loss_func=loss, callbacks=[*context.callbacks, show_metrics(data.labels.type)])
     record = classifier.task_record(data.labels, task, tokenizer.pad_token_id)
 
     def save(trainer, out: Path) -> None:
@@ -82,6 +82,24 @@ def build_classify(context) -> Any:
                  summary=[*classifier.trainable_rows(model, head, task["head_only"]),
                           *task_rows(data, task, recipe), *best_rows(args)],
                  record={"task": record, "data": {split: report.to_dict() for split, report in data.reports.items()}})
+
+
+def show_metrics(kind: str):
+    """A callback printing each evaluation's task metrics (the progress line shows the loss alone)."""
+    from transformers import TrainerCallback
+
+    from lorakit.recipe.sections import CLASSIFY_METRICS
+
+    class ShowMetrics(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            shown = [(name, (metrics or {}).get(f"eval_{name}")) for name in CLASSIFY_METRICS[kind]]
+            if state.is_world_process_zero and any(value is not None for _, value in shown):
+                width = len(str(state.max_steps))
+                click.echo(f"  step {state.global_step:>{width}}/{state.max_steps}  eval " + ", ".join(
+                    f"{name} {value:.4f}" if kind == "regression" else f"{name} {value:.1%}"
+                    for name, value in shown if value is not None))
+
+    return ShowMetrics()
 
 
 def task_rows(data, task: dict, recipe: Recipe) -> list[tuple[str, str]]:

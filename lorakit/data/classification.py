@@ -300,13 +300,14 @@ def held_out(labels: list[Any], fraction: float, seed: int, stratify: bool) -> l
 
 
 def prepare_split(sources: list[dict], task: dict, names: list[str] | None, data_section: dict, tokenizer,
-                  seed: int) -> tuple[dict[str, list], SplitReport, list]:
-    """(columns of the tokenized rows with their labels as checked, the split's report, the rows' label names)."""
+                  seed: int, first: RawRows | None = None) -> tuple[dict[str, list], SplitReport, list]:
+    """(columns of the tokenized rows with their labels as checked, the split's report, the rows' label names).
+    `first`: the first source, when it has been read already."""
     report = SplitReport()
     columns: dict[str, list] = {}
     all_labels: list = []
-    for source in sources:
-        raw = read_source(source, task)
+    for index, source in enumerate(sources):
+        raw = first if index == 0 and first is not None else read_source(source, task)
         check_texts(raw, task)
         keep, labels = check_labels(raw, task, names, report)
         take = lambda values, rows: [values[i] for i in rows]
@@ -343,7 +344,7 @@ def prepare_classification_data(data_section: dict, task: dict, tokenizer, seed:
     sources = data_section["train"]
     first = read_source(sources[0], task)
     names = declared_names(task, first)
-    columns, train_report, labels = prepare_split(sources, task, names, data_section, tokenizer, seed)
+    columns, train_report, labels = prepare_split(sources, task, names, data_section, tokenizer, seed, first)
     if not labels:
         raise DataError("no training rows left after checking labels and lengths; see the rows named above")
     space = LabelSpace(task["type"], names or found_names(labels))
