@@ -43,8 +43,8 @@ def run_export(name: str, *, to: str, quant: str | None = None, output: str | os
     llama_cpp = None
     if to in ("gguf", "ollama"):
         converter.check_python_packages()
-        llama_cpp = converter.find_llama_cpp()
         quant = converter.check_quant(quant or DEFAULT_QUANT)
+        llama_cpp = converter.find_llama_cpp()
         if quant not in converter.CONVERTER_TYPES:
             converter.find_quantize_tool(llama_cpp)
 

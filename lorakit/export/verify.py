@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-MAX_NEW_TOKENS = 16
+MAX_NEW_TOKENS = 24
 # Float types: logits within the bound `lorakit merge` uses for the same rounding of the weights (see TOLERANCES
 # there), combined with the reference's own dtype. Quantized types change the function on purpose, so they are
 # held to a mean KL divergence from the model's next-token distribution (top-1 agreement is recorded, but on a
