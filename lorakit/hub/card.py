@@ -174,6 +174,10 @@ class Card:
 
     def usage(self) -> str:
         base, revision = base_model(self.records)
+        from lorakit.models.classifier import TASK_FILE, card_usage
+
+        if (self.folder / TASK_FILE).is_file():  # a classifier: base + its head + adapter, or the merged pipeline
+            return card_usage(self.kind == ADAPTER, self.load_from, base if is_hub_id(base) else None, revision)
         chat = has_chat_template(self.folder)
         lines = ["```python"]
         if self.kind == ADAPTER:
