@@ -395,3 +395,22 @@ def test_a_qlora_classifier_keeps_its_head_unquantized_and_merges_into_the_origi
     result = CliRunner().invoke(main, ["merge", str(run), "--output", str(tmp_path / "merged")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "merged" / "lorakit_task.json").is_file()
+
+
+@pytest.mark.slow
+def test_the_model_card_says_text_classification_with_the_eval_figures(llama_run, tmp_path):
+    import yaml
+
+    from lorakit.hub.card import ADAPTER, MERGED, build_card
+
+    assert CliRunner().invoke(main, ["eval", str(llama_run)]).exit_code == 0
+    card = build_card(llama_run, ADAPTER, "you/toy-topics")
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["pipeline_tag"] == "text-classification"
+    results = metadata["model-index"][0]["results"]
+    figures = {m["type"]: m["value"] for r in results for m in r["metrics"]}
+    assert figures["accuracy"] == pytest.approx(record(llama_run)["metrics"]["eval_accuracy"])
+    assert "AutoModelForSequenceClassification.from_pretrained" in card and '"lorakit_task.json"' in card
+    assert CliRunner().invoke(main, ["merge", str(llama_run), "--output", str(tmp_path / "m")]).exit_code == 0
+    merged = build_card(tmp_path / "m", MERGED, "you/toy-topics")
+    assert 'pipeline("text-classification", model="you/toy-topics")' in merged
