@@ -61,7 +61,9 @@ class LorakitGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         from lorakit.errors import user_error_code
+        from lorakit.models.loading import quiet_upstream_logs
 
+        quiet_upstream_logs()  # before any upstream library is imported: some speak up on import
         try:
             return super().invoke(ctx)
         except Exception as error:  # only lorakit's input errors are caught; the rest keep their traceback

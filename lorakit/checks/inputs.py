@@ -59,7 +59,15 @@ def load_model_config(recipe: Recipe, findings: Findings, report_failure: bool =
     """The model's config (its shape, for the memory estimate); a failure is reported unless the tokenizer's was."""
     from transformers import AutoConfig
 
+    from lorakit.models.loading import reach_hub_or_cache
+
     name = recipe.model["name_or_path"]
+    try:
+        reach_hub_or_cache(recipe.model)  # an unreachable Hub: said at once, not after retries
+    except LorakitError as error:
+        if report_failure:
+            findings.problem(str(error))
+        return None
     try:
         config = AutoConfig.from_pretrained(name, revision=recipe.model.get("revision"),
                                             trust_remote_code=recipe.model.get("trust_remote_code", False))

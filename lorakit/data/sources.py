@@ -29,7 +29,7 @@ def load_source(source: dict) -> Any:
             if loader is None:
                 raise DataError(f"{path}: unsupported file type {local.suffix!r}; use one of {', '.join(LOADERS)}")
             check_utf8(local)
-            return datasets.load_dataset(loader, data_files=str(local), split="train")
+            return load_local(loader, str(local))
         if local.is_dir():
             files = sorted(p for p in local.rglob("*") if p.suffix.lower() in LOADERS)
             if not files:
@@ -40,13 +40,27 @@ def load_source(source: dict) -> Any:
                                 "as separate sources")
             for file in files:
                 check_utf8(file)
-            return datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
+            return load_local(kinds.pop(), [str(p) for p in files])
         return datasets.load_dataset(path, name=source.get("name"), split=source.get("split", "train"),
                                      revision=source.get("revision"))
     except DataError:
         raise
     except Exception as error:  # datasets' own errors are long and deep; say what and where
         raise DataError(_explain_load_error(path, error)) from None
+
+
+def load_local(loader: str, files: str | list[str]) -> Any:
+    """datasets' load of local files, without its "Generating train split" bar: converting a local file takes
+    a moment and the bar says nothing to the user (a Hub dataset's download keeps its bars)."""
+    import datasets
+
+    shown = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset(loader, data_files=files, split="train")
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
 
 
 def check_utf8(file: Path) -> None:

@@ -141,6 +141,7 @@ def load_tokenizer(model_section: dict):
     """
     from transformers import AutoTokenizer
 
+    reach_hub_or_cache(model_section)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             model_section["name_or_path"],
@@ -289,12 +290,17 @@ def _local_device(device: str) -> Any:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameters; 4-bit weights count as the elements they stand for."""
+    """(trainable, total) parameters; 4-bit weights count as the weights they stand for, not as the bytes (or
+    bfloat16/float32 storage elements, under bnb_4bit_quant_storage) they are packed into."""
+    import math
+
     trainable = total = 0
     for param in model.parameters():
         count = param.numel()
         if param.__class__.__name__ == "Params4bit":
-            count *= 2  # two 4-bit values per stored byte
+            shape = getattr(getattr(param, "quant_state", None), "shape", None)
+            # the original shape when quantized; else two 4-bit values per byte of storage
+            count = math.prod(shape) if shape is not None else count * param.element_size() * 2
         total += count
         if param.requires_grad:
             trainable += count
@@ -302,5 +308,69 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def quiet_upstream_logs() -> None:
+    """Silence upstream messages that tell the user nothing they can act on; real warnings still show."""
+    import warnings
+
     # bitsandbytes warns on import that an optional Hub-downloaded CPU kernel is missing; the fallback is used.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # peft and trl read model.is_gradient_checkpointing, which transformers 5 renamed: their call, not lorakit's.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+# ---------------------------------------------------------------- an unreachable Hub
+
+HUB_PROBE_SECONDS = 3.0
+_hub_reachable: dict[str, str | None] = {}  # endpoint -> None when reachable, else why not (asked once a process)
+
+
+def hub_unreachable_reason() -> str | None:
+    """None when the Hub endpoint answers a TCP connection within a few seconds, else why not. huggingface_hub
+    would retry each file five times with back-off (about 30 s a file, minutes for a model) before failing."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    endpoint = constants.ENDPOINT
+    if endpoint not in _hub_reachable:
+        url = urlparse(endpoint)
+        if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+            _hub_reachable[endpoint] = None  # through a proxy: a direct connection says nothing
+        else:
+            try:
+                socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                         timeout=HUB_PROBE_SECONDS).close()
+                _hub_reachable[endpoint] = None
+            except OSError as error:
+                _hub_reachable[endpoint] = f"{type(error).__name__}: {error}"
+    return _hub_reachable[endpoint]
+
+
+def reach_hub_or_cache(model_section: dict) -> None:
+    """Before loading a Hub model with the Hub on: when the Hub cannot be reached, use the local cache (switching
+    this process to offline mode, and saying so) or stop at once with what to do, instead of minutes of retries."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    from lorakit.errors import LorakitError
+
+    name = model_section["name_or_path"]
+    if constants.HF_HUB_OFFLINE or Path(name).expanduser().exists():
+        return
+    reason = hub_unreachable_reason()
+    if reason is None:
+        return
+    try:
+        cached = try_to_load_from_cache(name, "config.json", revision=model_section.get("revision"))
+    except Exception:  # a name that is no repo id: transformers' own error follows
+        return
+    if isinstance(cached, str):
+        constants.HF_HUB_OFFLINE = True
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        import click
+
+        click.echo(f"lorakit: cannot reach {constants.ENDPOINT} ({reason}); using the copy of {name} in the local "
+                   "Hugging Face cache (set HF_HUB_OFFLINE=1 to skip this check)", err=True)
+        return
+    raise LorakitError(f"model.name_or_path: cannot reach {constants.ENDPOINT} ({reason}) to download {name}, and it "
+                       "is not in the local Hugging Face cache. Check the network (or HF_ENDPOINT, or a proxy in "
+                       "HTTPS_PROXY); once it is downloaded, HF_HUB_OFFLINE=1 runs from the cache")

@@ -93,6 +93,9 @@ def run(recipe: Recipe, build: Callable[[RunContext], Built], *, overwrite: bool
     refuse_unsafe_settings(recipe)
     out = recipe.output_dir
     disk.check_writable(out)
+    from lorakit.models.loading import reach_hub_or_cache
+
+    reach_hub_or_cache(recipe.model)  # an unreachable Hub: the cache, or one message now instead of minutes of retries
     check_target_modules(recipe)
     for warning in recipe.warnings:
         click.echo(f"lorakit: warning: {warning}", err=True)
