@@ -45,8 +45,11 @@ def export_adapter(name: str, to: str, partial: Path, out: Path, quant: str | No
         facts = vllm.write_adapter_folder(run, partial, stops)
         same = all(digest(run / path.name) == digest(path) for path in partial.iterdir()
                    if path.name != "generation_config.json")
-        record.update(vllm=facts, commands=[vllm.serve_adapter(base, partial, out, out.name, facts["max_lora_rank"])],
-                      verified=same, problems=[] if same else ["a copied file differs from the run's"],
+        record.update(vllm=facts, commands=[vllm.serve_adapter(base, partial, out, out.name, facts["max_lora_rank"])])
+        if not verify:
+            record.update(verified=None, check=None, note="not verified: exported with --no-verify")
+            return record
+        record.update(verified=same, problems=[] if same else ["a copied file differs from the run's"],
                       check={"passed": same, "files_identical_to_the_run": same, "served_by_vllm": False,
                              "vllm_lora_constraints": "hold (peft LoRA, no DoRA, no modules_to_save, bias none, "
                                                       f"rank {facts['rank']})"})

@@ -69,8 +69,12 @@ def prepare_source(name: str, staging: Path, measure: Callable[[Any, Any, list, 
         check_adapter_fits(run, target, section, config, tokenizer)
         reference = merge_run_in_memory(target, section, placement, staging, tokenizer,
                                         lambda model: measure(model, tokenizer, conversations, folder))
-        return Source(name, "run", staging, tokenizer, placement, conversations, trained_system, reference, section["name_or_path"],
-                      target, [*target.notes])
+        notes = [*target.notes]
+        if (target.quantization or {}).get("load_in_4bit") or (target.quantization or {}).get("load_in_8bit"):
+            notes.append("trained on the base quantized by bitsandbytes; merged into and checked against the base "
+                         "in full precision + adapter (the base's 4-bit rounding is not in the export)")
+        return Source(name, "run", staging, tokenizer, placement, conversations, trained_system, reference,
+                      section["name_or_path"], target, notes)
     from lorakit.models.loading import load_model
 
     click.echo(f"  loading {folder} on {placement.device} in {placement.dtype}")

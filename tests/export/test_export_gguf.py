@@ -131,6 +131,7 @@ def test_a_qlora_run_exports_from_the_full_precision_base(tiny_llama, tmp_path):
     assert record["verified"] is True
     assert record["source"]["trained_with_quantization"]["load_in_4bit"] is True
     assert record["source"]["reference_dtype"] == "float32"
+    assert any("full precision" in note for note in record["notes"])
     assert gguf_fields(out / record["gguf"]["file"])["general.file_type"] == 1  # MOSTLY_F16
 
 

@@ -58,3 +58,11 @@ def test_the_adapter_folder_comes_with_its_serve_line(adapter_run, tmp_path):
     assert (out / "adapter_model.safetensors").read_bytes() == (adapter_run / "adapter_model.safetensors").read_bytes()
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"]
     assert "serve" in result.output and "--enable-lora" in result.output
+
+
+def test_no_verify_is_said_in_the_record_and_the_output(adapter_run, tmp_path):
+    out = tmp_path / "unchecked"
+    result = CliRunner().invoke(main, ["export", str(adapter_run), "--to", "vllm", "--adapter-only", "--no-verify",
+                                       "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert read_record(out)["verified"] is None and "NOT verified" in result.output
