@@ -9,12 +9,10 @@ against it. Rows without such a span (plain text) count for the loss only.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -22,7 +20,6 @@ from lorakit.errors import LorakitError, OutputDirError
 
 REPORT_FILE = "lorakit_eval.json"
 REPORT_MARK = "lorakit eval"
-SAMPLES_SHOWN = 3
 
 
 @click.command()
@@ -41,18 +38,23 @@ SAMPLES_SHOWN = 3
               help=f"JSON report to write (default: {REPORT_FILE} in the run or model folder).")
 @click.option("--device", type=click.Choice(["auto", "cuda", "mps", "xpu", "cpu"]), default=None,
               help="Force a device (default: the recipe's model.device, auto).")
+@click.option("--metrics", metavar="NAMES",
+              help="Comma-separated reply metrics: exact_match, token_f1, rouge_l, chrf, bleu (default: the recipe's "
+                   "evaluation.metrics, else exact_match,token_f1). See docs/eval.md for which suits which task.")
 @click.option("--harness", metavar="TASKS",
               help="Also run these comma-separated lm-evaluation-harness tasks on the model "
                    "(needs `pip install lm-eval` and, for most tasks, the Hub).")
 def command(target: str, data_path: str | None, split: str | None, compare_base: bool, max_new_tokens: int,
-            batch_size: int, output: str | None, device: str | None, harness: str | None) -> None:
+            batch_size: int, output: str | None, device: str | None, metrics: str | None, harness: str | None) -> None:
     """Score TARGET on eval data: a run folder, a merged model folder, a Hub model id, or a recipe.
 
-    Reports loss and perplexity on the completion tokens (as trained), and exact match and token F1 of greedy
-    replies against the references, then writes a JSON report and prints a table with a few samples.
+    Reports loss and perplexity on the completion tokens (as trained), and exact match and token F1 (or the
+    --metrics chosen: ROUGE-L, chrF, BLEU) of greedy replies against the references, then writes a JSON report
+    and prints a table with a few samples.
     """
+    names = [name.strip() for name in metrics.split(",") if name.strip()] if metrics else None
     run_eval(target, data=data_path, split=split, compare_base=compare_base, max_new_tokens=max_new_tokens,
-             batch_size=batch_size, output=output, device=device, harness=harness)
+             batch_size=batch_size, output=output, device=device, harness=harness, metrics=names)
 
 
 @dataclass
@@ -68,7 +70,9 @@ class EvalData:
 
 def run_eval(target_name: str, *, data: str | None = None, split: str | None = None, compare_base: bool = False,
              max_new_tokens: int = 128, batch_size: int = 32, output: str | None = None, device: str | None = None,
-             harness: str | None = None) -> dict:
+             harness: str | None = None, metrics: list[str] | None = None) -> dict:
+    from lorakit.evaluation.metrics import DEFAULT_REPLY_METRICS, check_reply_metrics
+    from lorakit.evaluation.report import print_report
     from lorakit.models.loading import quiet_upstream_logs
     from lorakit.models.inference import load_base_model, load_target_model, load_target_tokenizer, resolve_target
     from lorakit.models.loading import choose_placement
@@ -88,6 +92,9 @@ def run_eval(target_name: str, *, data: str | None = None, split: str | None = N
         return run_preference_eval(target, data, split, compare_base, batch_size, report_path, device)
     if harness:
         require_harness()
+    chosen = (target.recipe.sections.get("evaluation") or {}).get("metrics") if target.recipe is not None else None
+    metrics = check_reply_metrics(metrics or chosen or list(DEFAULT_REPLY_METRICS),
+                                  "--metrics" if metrics else "evaluation.metrics")
 
     tokenizer = load_target_tokenizer(target)
     eval_data = load_eval_data(target, data, split, tokenizer)
@@ -99,18 +106,23 @@ def run_eval(target_name: str, *, data: str | None = None, split: str | None = N
                + (f", {bits} base as in training" if target.quantization else ""))
 
     model = load_target_model(target, placement)
-    results = {"model": score(model, tokenizer, eval_data, batch_size, max_new_tokens, "model")}
+    results = {"model": score(model, tokenizer, eval_data, batch_size, max_new_tokens, "model", metrics)}
     harness_results = run_harness(model, tokenizer, harness, batch_size) if harness else None
     if compare_base:
         if target.kind == "adapter":
             with model.disable_adapter():  # the same loaded base, without the adapter: no second copy
-                results["base"] = score(model, tokenizer, eval_data, batch_size, max_new_tokens, "base")
+                results["base"] = score(model, tokenizer, eval_data, batch_size, max_new_tokens, "base", metrics)
         else:
             del model
             model = load_base_model(target.base_name, placement)
-            results["base"] = score(model, tokenizer, eval_data, batch_size, max_new_tokens, "base")
+            results["base"] = score(model, tokenizer, eval_data, batch_size, max_new_tokens, "base", metrics)
 
-    report = build_report(target, eval_data, results, placement, max_new_tokens, batch_size, tokenizer)
+    for name, figures in results.items():
+        if figures["replies_cut_at_max_new_tokens"]:  # a cut reply scores as wrong: say how many there were
+            eval_data.notes.append(f"{figures['replies_cut_at_max_new_tokens']} of {figures['replies']} {name} replies "
+                                   f"reached --max-new-tokens {max_new_tokens} and were cut there (raise it if "
+                                   "the references are longer)")
+    report = build_report(target, eval_data, results, placement, max_new_tokens, batch_size, tokenizer, metrics)
     if harness_results is not None:
         report["harness"] = harness_results
     print_report(report)
@@ -254,10 +266,11 @@ def check_training_data_unchanged(target, data_section: dict) -> list[str]:
 # ---------------------------------------------------------------- scoring
 
 
-def score(model, tokenizer, data: EvalData, batch_size: int, max_new_tokens: int, label: str) -> dict:
-    """Loss and perplexity on the trained tokens, and exact match and token F1 of greedy replies."""
+def score(model, tokenizer, data: EvalData, batch_size: int, max_new_tokens: int, label: str,
+          metrics: list[str]) -> dict:
+    """Loss and perplexity on the trained tokens, and the chosen metrics of greedy replies."""
+    from lorakit.evaluation.metrics import completion_loss, score_replies
     from lorakit.models.inference import decode_reply, generate_greedy
-    from lorakit.evaluation.metrics import completion_loss, exact_match, token_f1
 
     started = time.time()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -275,8 +288,7 @@ def score(model, tokenizer, data: EvalData, batch_size: int, max_new_tokens: int
         unfinished = sum(len(ids) >= max_new_tokens for ids in outputs)
     else:
         unfinished = 0
-    matches = [exact_match(p, r) for p, r in zip(predictions, data.references)]
-    f1s = [token_f1(p, r) for p, r in zip(predictions, data.references)]
+    overall, per_reply = score_replies(predictions, data.references, metrics)
     seconds = time.time() - started
     click.echo(f"  {label}: loss over {loss.tokens:,} trained tokens in {loss_seconds:.1f} s, "
                f"{len(predictions)} replies in {seconds - loss_seconds:.1f} s")
@@ -284,19 +296,13 @@ def score(model, tokenizer, data: EvalData, batch_size: int, max_new_tokens: int
         "loss": loss.loss,
         "perplexity": loss.perplexity,
         "trained_tokens": loss.tokens,
-        "exact_match": mean(matches),
-        "token_f1": mean(f1s),
+        **overall,
         "replies": len(predictions),
         "replies_cut_at_max_new_tokens": unfinished,
         "seconds": round(seconds, 2),
         "predictions": predictions,
-        "exact_matches": matches,
-        "token_f1s": f1s,
+        "per_reply": per_reply,
     }
-
-
-def mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
 
 
 # ---------------------------------------------------------------- lm-evaluation-harness
@@ -327,7 +333,7 @@ def run_harness(model, tokenizer, tasks: str, batch_size: int) -> dict:
 
 
 def build_report(target, data: EvalData, results: dict, placement, max_new_tokens: int, batch_size: int,
-                 tokenizer) -> dict:
+                 tokenizer, metrics: list[str]) -> dict:
     from lorakit.training.run_dir import library_versions
 
     examples = []
@@ -336,12 +342,11 @@ def build_report(target, data: EvalData, results: dict, placement, max_new_token
         for name, figures in results.items():
             key = "prediction" if name == "model" else f"{name}_prediction"
             example[key] = figures["predictions"][index]
-            example[f"{name}_exact_match"] = figures["exact_matches"][index]
-            example[f"{name}_token_f1"] = figures["token_f1s"][index]
+            for metric, scores in figures["per_reply"].items():
+                example[f"{name}_{metric}"] = scores[index]
         examples.append(example)
-    metrics = {name: {key: value for key, value in figures.items()
-                      if key not in ("predictions", "exact_matches", "token_f1s")}
-               for name, figures in results.items()}
+    figures_of = {name: {key: value for key, value in figures.items() if key not in ("predictions", "per_reply")}
+                  for name, figures in results.items()}
     return {
         "report": REPORT_MARK,
         "target": target.name,
@@ -350,69 +355,10 @@ def build_report(target, data: EvalData, results: dict, placement, max_new_token
         "data": {"description": data.description, "loss_rows": len(data.loss_rows),
                  "generation_rows": len(data.prompts), "notes": data.notes + target.notes},
         "settings": {"decoding": "greedy", "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-                     "device": placement.device, "dtype": placement.dtype, "quantization": target.quantization},
-        "metrics": metrics,
+                     "device": placement.device, "dtype": placement.dtype, "quantization": target.quantization,
+                     "metrics": metrics},
+        "metrics": figures_of,
         "examples": examples,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": library_versions(),
     }
-
-
-def print_report(report: dict) -> None:
-    metrics = report["metrics"]
-    names = list(metrics)
-    rows = [("loss", "loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
-            ("exact match", "exact_match", "{:.1%}"), ("token F1", "token_f1", "{:.1%}")]
-    header = ["", *names] + (["change"] if "base" in metrics else [])
-    table = [header]
-    for title, key, form in rows:
-        values = [metrics[name].get(key) for name in names]
-        line = [title] + [show(value, form) for value in values]
-        if "base" in metrics:
-            line.append(show_change(metrics["model"].get(key), metrics["base"].get(key), key))
-        table.append(line)
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    click.echo("")
-    for line in table:
-        click.echo("  " + "  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i])
-                                    for i, cell in enumerate(line)))
-    for note in report["data"]["notes"]:
-        click.echo(f"  note: {note}")
-    for number, example in enumerate(report["examples"][:SAMPLES_SHOWN], 1):
-        click.echo(f"\n  sample {number}")
-        click.echo(f"    prompt     {shorten_prompt(example['prompt'])}")
-        click.echo(f"    reference  {one_line(example['reference'])}")
-        click.echo(f"    model      {one_line(example['prediction'])}")
-        if "base_prediction" in example:
-            click.echo(f"    base       {one_line(example['base_prediction'])}")
-    click.echo("")
-
-
-def show(value: Any, form: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return form.format(value)
-
-
-def show_change(model: float | None, base: float | None, key: str) -> str:
-    if model is None or base is None or math.isnan(model) or math.isnan(base) or key == "perplexity":
-        return ""
-    if key in ("exact_match", "token_f1"):
-        return f"{100 * (model - base):+.1f} pts"
-    return f"{model - base:+.4f}"
-
-
-def one_line(text: str, limit: int = 100) -> str:
-    flat = printable(text)
-    return flat if len(flat) <= limit else flat[:limit - 3] + "..."
-
-
-def shorten_prompt(prompt: str, limit: int = 100) -> str:
-    """The end of the prompt, where the question is."""
-    flat = printable(prompt)
-    return flat if len(flat) <= limit else "..." + flat[-(limit - 3):]
-
-
-def printable(text: str) -> str:
-    """Newlines and control characters escaped, so a reply shows on one line and cannot drive the terminal."""
-    return "".join(c if c.isprintable() else "\\n" if c == "\n" else f"\\x{ord(c):02x}" for c in text)

@@ -1,4 +1,5 @@
-"""What `lorakit eval` measures: loss and perplexity on the trained tokens, exact match and token F1 on replies."""
+"""What `lorakit eval` measures: loss and perplexity on the trained tokens; on replies, exact match and token F1
+(lorakit's own), ROUGE-L (rouge-score) and chrF and BLEU (sacrebleu), as a recipe or --metrics chooses."""
 
 from __future__ import annotations
 
@@ -12,6 +13,17 @@ from typing import Callable
 # take tokens x vocabulary x 2-4 bytes (8,192 tokens of a 150k vocabulary in bfloat16: 2.4 GB).
 MAX_LOSS_BATCH_TOKENS = 8192
 WORD = re.compile(r"\w+|[^\w\s]")
+# Reply metrics: name -> (what it suits, the package it needs or None). exact_match, token_f1 and rouge_l are 0-1
+# (the mean over replies); chrf and bleu are sacrebleu's corpus scores, 0-100, as they are usually quoted.
+REPLY_METRICS = {
+    "exact_match": ("short, fixed answers: extraction, classification as text, formats", None),
+    "token_f1": ("short answers with partial credit: QA, fields of a record", None),
+    "rouge_l": ("summaries and other long free text: the longest common word sequence, F-measure", "rouge-score"),
+    "chrf": ("translation and text in inflected languages: character n-gram F-score", "sacrebleu"),
+    "bleu": ("translation, comparable with published BLEU: word n-gram precision, corpus-level", "sacrebleu"),
+}
+DEFAULT_REPLY_METRICS = ("exact_match", "token_f1")
+MODULES = {"rouge-score": "rouge_score", "sacrebleu": "sacrebleu"}
 
 
 def exact_match(prediction: str, reference: str) -> float:
@@ -37,6 +49,50 @@ def token_f1(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = common / len(predicted), common / len(expected)
     return 2 * precision * recall / (precision + recall)
+
+
+def check_reply_metrics(names: list[str], where: str) -> list[str]:
+    """The metric names, each known and with its package installed: checked before any model is loaded."""
+    import importlib.util
+
+    from lorakit.errors import LorakitError
+
+    for name in names:
+        if name not in REPLY_METRICS:
+            raise LorakitError(f"{where}: unknown metric {name!r}; choose from {', '.join(REPLY_METRICS)}")
+        package = REPLY_METRICS[name][1]
+        if package and importlib.util.find_spec(MODULES[package]) is None:
+            raise LorakitError(f"{where}: {name} needs the {package} package, which is not installed: "
+                               f"pip install {package} (or pip install 'lorakit[metrics]')")
+    return list(dict.fromkeys(names))
+
+
+def score_replies(predictions: list[str], references: list[str],
+                  names: list[str]) -> tuple[dict[str, float | None], dict[str, list[float]]]:
+    """({metric: score over all replies}, {metric: score of each reply}) for the chosen metrics."""
+    overall: dict[str, float | None] = {}
+    per_reply: dict[str, list[float]] = {}
+    pairs = list(zip(predictions, references))
+    for name in names:
+        if name in ("exact_match", "token_f1"):
+            scores = [(exact_match if name == "exact_match" else token_f1)(p, r) for p, r in pairs]
+        elif name == "rouge_l":
+            from rouge_score import rouge_scorer
+
+            scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+            scores = [scorer.score(r, p)["rougeL"].fmeasure for p, r in pairs]
+        else:
+            import sacrebleu
+
+            sentence = sacrebleu.sentence_chrf if name == "chrf" else sacrebleu.sentence_bleu
+            corpus = sacrebleu.corpus_chrf if name == "chrf" else sacrebleu.corpus_bleu
+            scores = [sentence(p, [r]).score for p, r in pairs]
+            overall[name] = corpus([p for p, _ in pairs], [[r for _, r in pairs]]).score if pairs else None
+            per_reply[name] = scores
+            continue
+        overall[name] = sum(scores) / len(scores) if scores else None
+        per_reply[name] = scores
+    return overall, per_reply
 
 
 @dataclass

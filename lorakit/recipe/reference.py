@@ -39,8 +39,10 @@ def render() -> str:
     out = ["# Recipe reference", "",
            "Generated from `lorakit/recipe/sections.py` by `python -m lorakit.recipe.reference > docs/recipe-reference.md`.", "",
            "A recipe has lorakit's own sections (`model`, `data`, `early_stopping`) and sections passed to upstream "
-           "classes (`quantization`, `lora`, `training`). Relative paths are looked up from the working directory, "
-           "then beside the recipe; the resolved recipe saved with a run holds them absolute.", "",
+           "classes (`quantization`, `lora`, `training`). A relative path in a recipe (model, data, chat template, "
+           "accelerate config) is relative to the recipe file's folder, so the recipe means the same from any working "
+           "directory; one given on the command line is relative to the working directory, and so is "
+           "`training.output_dir`. The resolved recipe saved with a run holds them absolute.", "",
            "## `model`", ""]
     out += _table(recipe.ModelSection, "model.") + ["", "## `data`", ""]
     out += _table(recipe.DataSection, "data.") + ["", "### each source in `data.train` / `data.eval`", "",
@@ -51,7 +53,10 @@ def render() -> str:
     out += _table(recipe.EarlyStoppingSection, "early_stopping.") + ["", "## `launch`", "",
                                                                      "How many processes run the fine-tune; see "
                                                                      "[distributed.md](distributed.md).", ""]
-    out += _table(recipe.LaunchSection, "launch.") + [""]
+    out += _table(recipe.LaunchSection, "launch.") + ["", "## `evaluation` (sft)", "",
+                                                       "What `lorakit eval` scores replies with; see "
+                                                       "[eval.md](eval.md#which-metric-for-which-task).", ""]
+    out += _table(recipe.EvaluationSection, "evaluation.") + [""]
     out += _upstream("quantization", "transformers.BitsAndBytesConfig",
                      {**recipe.QUANTIZATION_4BIT_DEFAULTS, "bnb_4bit_compute_dtype": "the model dtype",
                       "bnb_4bit_quant_storage": "the model dtype (FSDP needs them equal)"})

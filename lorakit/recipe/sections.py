@@ -164,6 +164,18 @@ class PreferenceSection:
     )
 
 
+@dataclass
+class EvaluationSection:
+    """What `lorakit eval` scores a fine-tune's replies with (an sft recipe's own section); see docs/eval.md."""
+
+    metrics: list[Literal["exact_match", "token_f1", "rouge_l", "chrf", "bleu"]] = doc(
+        "Reply metrics besides the loss: exact_match and token_f1 (short answers, extraction), rouge_l "
+        "(summaries), chrf and bleu (translation). rouge_l needs `pip install rouge-score`, chrf and bleu "
+        "`pip install sacrebleu`. Same as `lorakit eval --metrics`.",
+        ["exact_match", "token_f1"],
+    )
+
+
 OWN_SECTIONS = {"model": ModelSection, "data": DataSection, "early_stopping": EarlyStoppingSection,
                 "launch": LaunchSection}
 UPSTREAM_SECTIONS = {
@@ -180,7 +192,7 @@ TRAINING_CONFIGS = {
 }
 # Sections of lorakit's own that only one training command has: {command: {section: dataclass}}. Their values end
 # up in Recipe.sections, checked and with defaults filled like the shared sections.
-COMMAND_SECTIONS: dict[str, dict[str, type]] = {"sft": {}, "dpo": {"preference": PreferenceSection},
+COMMAND_SECTIONS: dict[str, dict[str, type]] = {"sft": {"evaluation": EvaluationSection}, "dpo": {"preference": PreferenceSection},
                                                 "classify": {"task": TaskSection}}
 # What `lorakit classify` measures on eval data, per task.type (Trainer logs them as eval_<name>), besides the loss;
 # training.metric_for_best_model names one of them.
@@ -271,6 +283,7 @@ class Recipe:
         for key in ("output_dir", "logging_dir", "logging_steps", "report_to", "run_name", "overwrite_output_dir",
                     "push_to_hub", "hub_model_id", "hub_token", "disable_tqdm", "save_total_limit"):
             data["training"].pop(key, None)
+        data.pop("evaluation", None)  # what `lorakit eval` measures later decides nothing about the weights
         text = json.dumps(data, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
