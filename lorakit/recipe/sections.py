@@ -242,6 +242,11 @@ TRAINING_KEYS_OWNED_ELSEWHERE = {
 # ---------------------------------------------------------------- the recipe
 
 
+# training keys that change where the run writes or what it logs, not the weights it trains
+NOT_WEIGHT_SETTINGS = ("output_dir", "logging_dir", "logging_steps", "report_to", "run_name", "overwrite_output_dir",
+                       "push_to_hub", "hub_model_id", "hub_token", "disable_tqdm", "save_total_limit")
+
+
 @dataclass
 class Recipe:
     """A validated recipe. Upstream sections stay plain dicts in upstream's own key names."""
@@ -279,13 +284,16 @@ class Recipe:
 
     def fingerprint(self) -> str:
         """Hash of everything that decides the trained weights (not where they are written, nor logging)."""
+        text = json.dumps(self.weight_settings(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def weight_settings(self) -> dict[str, Any]:
+        """The recipe without what leaves the trained weights alone (where they go, logging, later evaluation)."""
         data = self.to_dict()
-        for key in ("output_dir", "logging_dir", "logging_steps", "report_to", "run_name", "overwrite_output_dir",
-                    "push_to_hub", "hub_model_id", "hub_token", "disable_tqdm", "save_total_limit"):
+        for key in NOT_WEIGHT_SETTINGS:
             data["training"].pop(key, None)
         data.pop("evaluation", None)  # what `lorakit eval` measures later decides nothing about the weights
-        text = json.dumps(data, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return data
 
     @property
     def output_dir(self) -> Path:

@@ -124,7 +124,8 @@ def run_locked(recipe: Recipe, build: Callable[[RunContext], Built], *, overwrit
     check_options(overwrite, no_resume)
     refuse_unsafe_settings(recipe)
     out = recipe.output_dir
-    fingerprint = run_dir.Fingerprint(recipe.fingerprint(), cache.source_fingerprints(recipe.data))
+    fingerprint = run_dir.Fingerprint(recipe.fingerprint(), cache.source_fingerprints(recipe.data),
+                                      settings=recipe.weight_settings())
     action = run_dir.prepare_output_dir(out, fingerprint, overwrite, resume_changed=resume_changed,
                                         no_resume=no_resume)
     # Before the trainer exists, the launcher's RANK says which process may delete (every process decides alike).

@@ -111,6 +111,8 @@ class Fingerprint:
 
     recipe: str
     data: dict[str, str] = field(default_factory=dict)
+    # The recipe's settings that decide the weights (Recipe.weight_settings), to name what changed; not hashed.
+    settings: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def value(self) -> str:
@@ -262,7 +264,7 @@ def prepare_output_dir(folder: Path, fingerprint: Fingerprint, overwrite: bool =
     if record.get("status") == COMPLETED:
         if overwrite:
             return "overwrite"
-        what = "this recipe and data" if same else "a different recipe or data"
+        what = "this recipe and data" if same else describe_change(record, fingerprint, folder)
         raise OutputDirError(f"output folder {folder} already holds a finished run of {what}; nothing was changed. "
                              "Use --overwrite to replace it, or choose another --output-dir.")
     if no_resume:
@@ -271,24 +273,56 @@ def prepare_output_dir(folder: Path, fingerprint: Fingerprint, overwrite: bool =
         return "resume"
     if overwrite:
         return "overwrite"
-    raise OutputDirError(f"output folder {folder} holds an unfinished run of {describe_change(record, fingerprint)}; "
+    raise OutputDirError(f"output folder {folder} holds an unfinished run of "
+                         f"{describe_change(record, fingerprint, folder)}; "
                          "nothing was changed. Use --resume-changed to continue it anyway, --overwrite to replace it, "
                          "or choose another --output-dir.")
 
 
-def describe_change(record: dict[str, Any], fingerprint: Fingerprint) -> str:
-    """'a different recipe', 'different data (train.jsonl)'... from what the record kept of the earlier run."""
+def describe_change(record: dict[str, Any], fingerprint: Fingerprint, folder: Path | None = None) -> str:
+    """'a different recipe (lora.r: 16 -> 4)', 'different data (train.jsonl)'... from what the record and the
+    resolved recipe kept of the earlier run."""
     before = record.get("fingerprint_parts") or {}
     if not before:
         return "a different recipe or data"
     changed = []
     if before.get("recipe") != fingerprint.recipe:
-        changed.append("a different recipe")
+        keys = changed_keys(folder / RECIPE_FILE, fingerprint.settings) if folder and fingerprint.settings else []
+        shown = "; ".join(keys[:5]) + (f"; and {len(keys) - 5} more" if len(keys) > 5 else "")
+        changed.append(f"a different recipe ({shown})" if keys else "a different recipe")
     old_data, new_data = before.get("data") or {}, fingerprint.data
     names = sorted(name for name in set(old_data) | set(new_data) if old_data.get(name) != new_data.get(name))
     if names:
         changed.append("different data (" + ", ".join(Path(n).name for n in names) + ")")
     return " and ".join(changed) or "a different recipe or data"
+
+
+def changed_keys(earlier_recipe: Path, now: dict[str, Any]) -> list[str]:
+    """'lora.r: 16 -> 4' for each setting that differs between the earlier run's resolved recipe and `now`."""
+    import yaml
+
+    from lorakit.recipe.sections import NOT_WEIGHT_SETTINGS
+
+    try:
+        before = yaml.safe_load(earlier_recipe.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return []
+    if not isinstance(before, dict):
+        return []
+    before.pop("evaluation", None)
+    for key in NOT_WEIGHT_SETTINGS:
+        (before.get("training") or {}).pop(key, None)
+
+    def leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(value, dict) and value:
+            return {k: v for key, item in value.items() for k, v in leaves(item, f"{prefix}{key}.").items()}
+        if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            return {k: v for i, item in enumerate(value) for k, v in leaves(item, f"{prefix}{i}.").items()}
+        return {prefix.rstrip("."): value}
+
+    old, new = leaves(before), leaves(json.loads(json.dumps(now, default=str)))
+    return [f"{key}: {old.get(key, 'unset')} -> {new.get(key, 'unset')}" for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key) and not (old.get(key) == "<redacted>")]
 
 
 def refuse_data_inside(folder: Path, fingerprint: Fingerprint) -> None:
