@@ -161,7 +161,13 @@ def load_target_tokenizer(target: Target):
                    "trust_remote_code": target.model_section.get("trust_remote_code", False)}
         if target.kind == "model":
             section["revision"] = target.model_section.get("revision")
-    tokenizer, _ = load_tokenizer(section)
+    tokenizer, source = load_tokenizer(section)
+    if target.recipe is None and "has none" in source:  # a run's recipe trained with this same fallback
+        import click
+
+        click.echo(f"lorakit: {target.name} has no chat template; prompts are formatted with lorakit's ChatML "
+                   "(<|im_start|>role ... <|im_end|>), which this model may never have seen. Give it the template "
+                   "it was trained with (chat_template.jinja in the folder) for meaningful replies", err=True)
     return tokenizer
 
 
