@@ -204,8 +204,10 @@ def test_a_changed_chat_template_is_never_served_from_the_first_runs_cache(tiny_
     again, again_folder, cached = cache.prepare_data(data, tokenizer, 0, sources)
     assert cached and again_folder == first_folder and again.train["input_ids"] == first.train["input_ids"]
 
+    # A consistent change: turns and the generation prompt both say "the <role>", so labels stay exact.
     tokenizer.chat_template = CHATML.replace("<|im_start|>' + message['role']",
-                                             "<|im_start|>' + 'the ' + message['role']")
+                                             "<|im_start|>' + 'the ' + message['role']").replace(
+        "'<|im_start|>assistant\\n'", "'<|im_start|>the assistant\\n'")
     assert tokenizer.chat_template != CHATML
     changed, changed_folder, cached = cache.prepare_data(data, tokenizer, 0, sources)
     assert not cached and changed_folder != first_folder
