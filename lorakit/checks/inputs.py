@@ -13,7 +13,7 @@ import click
 
 from lorakit.checks.findings import Findings
 from lorakit.errors import LorakitError
-from lorakit.recipe.sections import Recipe
+from lorakit.recipe.sections import DataSection, Recipe, own_fields
 
 # ---------------------------------------------------------------- what sft would refuse to write over
 
@@ -81,7 +81,37 @@ def load_model_config(recipe: Recipe, findings: Findings, report_failure: bool =
     from lorakit.checks.modules import check_target_modules
 
     check_target_modules(recipe, config)  # targets that match nothing: a recipe error (exit 2), as for sft
+    capped = cap_to_position_limit(recipe, config)
+    if capped:
+        (findings.ok if capped.startswith(DEFAULT_CAPPED) else findings.warning)(capped)
     return config
+
+
+DEFAULT_CAPPED = "data.max_length: "
+
+
+def cap_to_position_limit(recipe: Recipe, config: Any = None) -> str | None:
+    """Lower data.max_length to the model's max_position_embeddings when it is longer, and say so (None when it
+    fits, or the config cannot be read here: loading the model reports that). Positions past the limit are ones
+    the model never learnt; some models (absolute position embeddings) cannot compute them at all."""
+    if config is None:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(recipe.model["name_or_path"], revision=recipe.model.get("revision"),
+                                                trust_remote_code=recipe.model.get("trust_remote_code", False))
+        except Exception:  # unreadable here: the model's own loading says why, with its message
+            return None
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    wanted = recipe.data.get("max_length")
+    if not isinstance(limit, int) or not isinstance(wanted, int) or wanted <= limit:
+        return None
+    recipe.data["max_length"] = limit
+    if wanted == own_fields(DataSection)["max_length"][1]:  # lorakit's default, not a length the recipe asked for
+        return f"{DEFAULT_CAPPED}{limit} tokens, the model's max_position_embeddings (the default is {wanted})"
+    return (f"data.max_length={wanted} is more than the model's max_position_embeddings={limit}: rows are cut at "
+            f"{limit} tokens instead (data.truncation applies there); set data.max_length: {limit} or less to "
+            "silence this")
 
 
 def load_training_tokenizer(recipe: Recipe, findings: Findings) -> Any | None:

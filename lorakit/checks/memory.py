@@ -20,7 +20,17 @@ def check_memory(recipe: Recipe, config, data, device: str | None, gpu_memory: i
     device = device or recipe.model.get("device", "auto")
     if recipe.training.get("use_cpu"):
         device = "cpu"
+    note = None
+    if device == "auto" and gpu_memory is None:
+        from lorakit.models.loading import choose_device
+
+        device = choose_device("auto")  # what `lorakit sft` would run on here
+        if device == "cpu":
+            note = ("this machine has no GPU, so the estimate is for a run on its CPU, as `lorakit sft` would run "
+                    "here; --device cuda or --gpu-memory SIZE estimates for a GPU")
     click.secho("memory (estimate)", bold=True)
+    if note:
+        click.echo(f"  {note}")
     if config is None:
         click.echo("  not estimated: the model's config did not load")
         return

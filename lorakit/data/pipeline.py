@@ -126,9 +126,11 @@ def prepare_source(source: dict, tokenization: Tokenization, max_length: int, tr
         report.dropped_too_long += len(too_long)
     elif too_long:
         encoded = encoded.map(shorten, desc="Truncating")
-        report.truncated += len(too_long)
     trained = encoded.filter(lambda row: any(label != IGNORE for label in row["labels"]))
     report.dropped_no_trained_tokens += len(encoded) - len(trained)
+    if too_long and truncation != "drop":
+        # Rows cut and kept; a row whose trained tokens were all cut away is counted once, as left out.
+        report.truncated += sum(1 for n in trained["length"] if n > max_length)
     encoded = _sample(trained.select_columns(["input_ids", "labels"]), source, seed)
     report.sources.append(SourceReport(name=name, format=fmt, rows=len(dataset), used_rows=len(encoded),
                                        fingerprint=source_fingerprint(source, dataset)))

@@ -124,6 +124,11 @@ def run_locked(recipe: Recipe, build: Callable[[RunContext], Built], *, overwrit
     check_options(overwrite, no_resume)
     refuse_unsafe_settings(recipe)
     out = recipe.output_dir
+    from lorakit.checks.inputs import cap_to_position_limit
+
+    capped = cap_to_position_limit(recipe)  # rows longer than the model's positions are cut at its limit
+    if capped:
+        click.echo(f"lorakit: {'' if capped.startswith('data.max_length: ') else 'warning: '}{capped}", err=True)
     fingerprint = run_dir.Fingerprint(recipe.fingerprint(), cache.source_fingerprints(recipe.data),
                                       settings=recipe.weight_settings())
     action = run_dir.prepare_output_dir(out, fingerprint, overwrite, resume_changed=resume_changed,

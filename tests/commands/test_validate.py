@@ -75,7 +75,9 @@ def test_problems_are_all_listed_and_the_run_refused(tiny_llama, facts, tmp_path
     result = run_cli("validate", write_recipe(tmp_path, tiny_llama, facts), "data.max_length=32", "--samples", "0",
                      "--gpu-memory", "100MiB")
     assert result.exit_code == 1, result.output
-    assert "rows are longer than data.max_length=32 and will be cut" in result.output
+    # Every messages row loses its whole reply at 32 tokens: told once, as left out (not also as cut).
+    assert "32 rows are left out: none of their tokens is trained within data.max_length=32" in result.output
+    assert "will be cut" not in result.output
     assert "does not fit in 100 MiB of GPU memory" in result.output
     assert "example 1:" not in result.output
     assert "error: 1 problem: the run cannot start" in result.output
