@@ -45,6 +45,7 @@ def build_dpo(context) -> Any:
     recipe, placement = context.recipe, context.placement
     preference = recipe.sections["preference"]
     start = resolve_start(recipe.model, preference)
+    start.refuse_changed_start(recipe.output_dir, resuming=context.resume_from is not None)
     click.echo(f"lorakit: loading tokenizer of {start.base['name_or_path']}")
     tokenizer, template_source = load_tokenizer(start.base)
     args = build_dpo_config(recipe, placement)
@@ -61,7 +62,8 @@ def build_dpo(context) -> Any:
     summary = [*start.summary_rows(), ("chat template", template_source),
                ("loss", f"{'+'.join(args.loss_type)}, beta {args.beta:g}"), *pair_rows(data.reports, recipe)]
     return Built(trainer=trainer, tokenizer=tokenizer, has_eval=data.eval is not None, summary=summary,
-                 record={**start.to_record(), "data": {split: r.to_dict() for split, r in data.reports.items()}},
+                 record={**start.to_record(recipe.data),
+                         "data": {split: report.to_dict() for split, report in data.reports.items()}},
                  save=save_policy)
 
 
@@ -121,8 +123,9 @@ def pair_rows(reports: dict, recipe: Recipe) -> list[tuple[str, str]]:
     rows = []
     for split, report in reports.items():
         stats = report.length_stats()
-        rows.append((f"{split} pairs", f"{report.rows:,} pairs, {report.tokens:,} tokens ({report.trained_tokens:,} "
-                     f"scored: the responses); longer sequence median {stats.get('median')}, max {stats.get('max')}"))
+        text = (f"{report.rows:,} pairs, {report.tokens:,} tokens ({report.trained_tokens:,} scored: the responses); "
+                f"longer sequence median {stats.get('median')}, max {stats.get('max')}")
+        rows.append((f"{split} pairs", text))
         cut = [f"{n} {reason}" for reason, n in report.dropped_bad_rows.items()]
         if report.truncated:
             cut.append(f"{report.truncated} truncated to {max_length} tokens")
@@ -138,18 +141,19 @@ def pair_rows(reports: dict, recipe: Recipe) -> list[tuple[str, str]]:
 
 
 def save_policy(trainer, out: Path) -> None:
-    """The trained adapter alone (not trl's frozen reference copy), in safetensors, and the tokenizer.
+    """As `lorakit sft` saves a run (commands/sft.save_run: the tokenizer as training used it, every stop token in
+    generation_config.json), with the trained adapter alone: trl's frozen reference copy is not part of the run."""
+    import copy
 
-    As `lorakit sft` saves it, the tokenizer's EOS is the chat template's end-of-turn token, so generation with
-    plain transformers stops where a reply ends.
-    """
-    from lorakit.models.loading import end_of_turn_token
+    from lorakit.models.inference import stop_token_ids
     from lorakit.models.preference_model import POLICY_ADAPTER
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     model.save_pretrained(out, safe_serialization=True, selected_adapters=[POLICY_ADAPTER])
     tokenizer = trainer.processing_class
-    end = end_of_turn_token(tokenizer)
-    if end and end != tokenizer.eos_token:
-        tokenizer.eos_token = end
     tokenizer.save_pretrained(out)
+    generation = copy.deepcopy(model.generation_config)
+    generation.eos_token_id = stop_token_ids(tokenizer, model)
+    if generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id
+    generation.save_pretrained(out)

@@ -44,7 +44,7 @@ class PairReport:
         if not self.lengths:
             return {}
         ordered = sorted(self.lengths)
-        pick = lambda q: ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]  # noqa: E731
+        pick = lambda q: ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
         return {"min": ordered[0], "median": pick(0.5), "p95": pick(0.95), "max": ordered[-1]}
 
     def to_dict(self) -> dict[str, Any]:

@@ -20,13 +20,12 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import click
 
 from lorakit.errors import LorakitError
 
-REPORT_MARK = "lorakit eval"  # the mark of lorakit eval's reports (lorakit/commands/evaluate.py), so reruns replace them
+REPORT_MARK = "lorakit eval"  # lorakit eval's mark on its reports (commands/evaluate.py): a rerun replaces them
 START_ADAPTER = "start"
 MAX_BATCH_TOKENS = 8192  # as lorakit.evaluation.metrics: rows x longest row, so the logits fit in memory
 SAMPLES_SHOWN = 3

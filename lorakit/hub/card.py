@@ -122,18 +122,25 @@ class Card:
     def command(self) -> str:
         return str((self.records.record or {}).get("command") or "sft")
 
+    @property
+    def stages(self) -> list[dict]:
+        """Each training stage that made the adapter (a DPO run on an SFT run: sft, then dpo)."""
+        return (self.records.record or {}).get("stages") or [{"command": self.command}]
+
     def metadata(self) -> str:
         from huggingface_hub import EvalResult, ModelCardData
 
         base, revision = base_model(self.records)
         quantization = self.recipe.get("quantization") or {}
-        tags = ["lorakit", "trl", self.command, "lora"] + (["qlora"] if quantization.get("load_in_4bit") else [])
+        tags = ["lorakit", "trl", *dict.fromkeys(s.get("command") for s in self.stages), "lora"]
+        tags += ["qlora"] if quantization.get("load_in_4bit") else []
         fields: dict[str, Any] = {"library_name": "peft" if self.kind == ADAPTER else "transformers",
                                   "pipeline_tag": PIPELINE_TAGS.get(self.command, "text-generation"), "tags": tags}
         if is_hub_id(base):
             fields["base_model"] = base
             fields["base_model_relation"] = "adapter" if self.kind == ADAPTER else "finetune"
         datasets = hub_datasets(self.recipe)
+        datasets += [d for s in self.stages for d in s.get("datasets") or [] if is_hub_id(d) and d not in datasets]
         if datasets:
             fields["datasets"] = datasets
         license_ = base_license(base, revision)
@@ -155,7 +162,7 @@ class Card:
         what = "LoRA adapter" if self.kind == ADAPTER else "model (LoRA adapter merged into its base)"
         on = f"[`{base}`](https://huggingface.co/{base})" if is_hub_id(base) else ("a local base model" if base
                                                                                   else "its base model")
-        how = METHODS.get(self.command, METHODS["sft"])
+        how = ", then ".join(METHODS.get(s.get("command"), METHODS["sft"]) for s in self.stages)
         parts = [f"# {self.name}\n", f"A {what} fine-tuned from {on} with {how}, made with lorakit.\n",
                  "## How to use\n", self.usage(), "## Training\n", self.training_facts()]
         if self.recipe:

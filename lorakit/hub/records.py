@@ -68,6 +68,8 @@ def base_model(records: Records) -> tuple[str | None, str | None]:
         ((records.record or {}).get("base_model") or {}),
         ((records.merge or {}).get("base_model") or {}),
     ]
+    if (records.record or {}).get("command") == "dpo":  # its recipe's model may be the SFT run it continued
+        candidates.insert(0, (records.record or {}).get("base_model") or {})
     for found in candidates:
         if isinstance(found, str):
             return found, None

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorakit.errors import LorakitError
-from lorakit.models.start_point import StartRun, base_model_section, is_run_folder, read_start_run
+from lorakit.models.start_point import (
+    ADAPTER_WEIGHTS,
+    StartRun,
+    base_model_section,
+    is_run_folder,
+    read_start_run,
+    source_names,
+)
 
 REFERENCE_ADAPTER = "ref"  # the name trl gives the frozen copy of a pretrained adapter (DPOTrainer.__init__)
 POLICY_ADAPTER = "default"
@@ -44,15 +51,35 @@ class StartPoint:
                      f"on the base {self.base['name_or_path']}")
         return [("start", start), ("reference", self.reference_text)]
 
-    def to_record(self) -> dict[str, Any]:
+    def to_record(self, data: dict[str, Any]) -> dict[str, Any]:
         return {
-            "start": {"run": str(self.run.folder) if self.run else None, "command": self.run.command if self.run else None,
-                      "base_model": self.base["name_or_path"]},
+            "start": {"run": str(self.run.folder) if self.run else None,
+                      "command": self.run.command if self.run else None,
+                      "base_model": self.base["name_or_path"], "adapter_sha256": self.adapter_sha256()},
             "reference": self.reference,
             # The record names the true base, not the run folder the recipe points at.
             "base_model": {"name_or_path": self.base["name_or_path"], "revision": self.base.get("revision")},
-            "stages": [*(self.run.stages if self.run else []), {"command": "dpo"}],
+            "stages": [*(self.run.stages if self.run else []),
+                       {"command": "dpo", "datasets": source_names(data)}],
         }
+
+
+    def adapter_sha256(self) -> str | None:
+        """The start adapter's weights, by content: a resumed run must continue from the same ones."""
+        import hashlib
+
+        if self.run is None:
+            return None
+        return hashlib.sha256((self.run.folder / ADAPTER_WEIGHTS).read_bytes()).hexdigest()
+
+    def refuse_changed_start(self, out, resuming: bool) -> None:
+        """A run resumed after its SFT run was trained again would mix two starting points: refused."""
+        from lorakit.training.run_dir import read_record
+
+        recorded = ((read_record(out) or {}).get("start") or {}).get("adapter_sha256")
+        if resuming and recorded and recorded != self.adapter_sha256():
+            raise LorakitError(f"the adapter in {self.run.folder} changed since this run started from it; resuming "
+                               "would continue from another starting point. Start over with --no-resume --overwrite")
 
 
 def resolve_start(model_section: dict[str, Any], preference: dict[str, Any]) -> StartPoint:

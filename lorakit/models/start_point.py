@@ -127,10 +127,9 @@ def check_dpo_recipe(validator, raw: dict, model: dict, lora: dict, data: dict, 
             validator.problem(("model", "name_or_path"), str(error))
     if start is not None:
         settings = start.lora
-        if raw.get("lora") is not None:
-            validator.problem(("lora",), f"{name} holds the adapter this run trains further (r={settings.get('r')}, "
-                              f"lora_alpha={settings.get('lora_alpha')}), so its shape is fixed; remove the lora "
-                              "section (it would be ignored)")
+        if raw.get("lora") is not None:  # a warning: a recipe for a base model may be pointed at an SFT run
+            validator.warning(("lora",), f"ignored: {name} holds the adapter this run trains further "
+                              f"(r={settings.get('r')}, lora_alpha={settings.get('lora_alpha')}), whose shape is fixed")
         lora = {**lora, **settings}
     elif preference.get("reference") == "sft" and validator.check_paths:
         validator.problem(("preference", "reference"), "sft needs model.name_or_path to be a finished SFT run folder "
