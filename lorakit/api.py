@@ -54,9 +54,11 @@ class TrainResult:
         return [(entry["step"], entry["loss"]) for entry in self.log_history if "loss" in entry]
 
     @classmethod
-    def of(cls, folder: Path) -> TrainResult:
+    def of(cls, folder: str | os.PathLike) -> TrainResult:
+        """The result of the run in `folder` (also one trained from the command line)."""
         from lorakit.training.run_dir import read_record
 
+        folder = Path(folder)
         record = read_record(folder) or {}
         plot, card = folder / "loss.png", folder / "README.md"
         return cls(output_dir=folder, status=record.get("status", "unknown"), metrics=record.get("metrics") or {},

@@ -41,6 +41,7 @@ def test_an_unknown_metric_or_a_missing_package_is_told_before_loading(monkeypat
         check_reply_metrics(["chrf"], "--metrics")
 
 
+@pytest.mark.slow
 def test_eval_reports_the_chosen_metrics_beside_the_base_and_the_cut_replies(tiny_llama, tmp_path):
     data = write_jsonl(tmp_path / "facts.jsonl", facts_rows("messages", repeat=1))
     run = write_adapter_run(tmp_path / "run", tiny_llama, data)
