@@ -1,4 +1,5 @@
-"""What a training run prints: the summary screen before the first step and the final line after the last."""
+"""What a training run prints before the first step: the summary screen (the log lines and the last line are
+lorakit.training.progress's)."""
 
 from __future__ import annotations
 
@@ -70,16 +71,3 @@ def data_rows(reports: dict, max_length: int) -> list[tuple[str, str]]:
         for source in report.sources:
             rows.append(("", f"{source.name}: {source.format}, {source.used_rows:,} of {source.rows:,} rows"))
     return rows
-
-
-def print_final_metrics(metrics: dict, log_history: list[dict]) -> None:
-    losses = [entry["loss"] for entry in log_history if "loss" in entry]
-    parts = []
-    if losses:
-        parts.append(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    if "eval_loss" in metrics:
-        parts.append(f"eval loss {metrics['eval_loss']:.4f}")
-    if "train_runtime" in metrics:
-        parts.append(f"{metrics['train_runtime']:.0f} s")
-    if parts:
-        click.echo("lorakit: " + ", ".join(parts))
