@@ -67,6 +67,8 @@ def coerce(value: Any, annotation: Any) -> Any:
             raise Invalid(f"must be {describe(annotation)}, not null")
         # 'SomeEnum | str' means "the enum, or its value as a string" (transformers converts and rejects others).
         enums = [m for m in members if isinstance(m, type) and issubclass(m, enum.Enum)]
+        if enums and isinstance(value, bool):
+            value = _yaml_word(value, [m.value for m in enums[0]])
         if enums and str in members and isinstance(value, str):
             return coerce(value, enums[0])
         # Prefer an exact match before conversions, so 'str | int' keeps a string a string.
@@ -84,11 +86,15 @@ def coerce(value: Any, annotation: Any) -> Any:
         raise telling[0] if telling else Invalid(f"must be {describe(annotation)}, not {_show(value)}")
     if origin is typing.Literal:
         choices = typing.get_args(annotation)
+        if isinstance(value, bool) and bool not in map(type, choices):
+            value = _yaml_word(value, choices)
         if value in choices:
             return value
         raise Invalid(f"must be one of {', '.join(map(str, choices))}, not {_show(value)}{_suggest(value, choices)}")
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         choices = [m.value for m in annotation]
+        if isinstance(value, bool):
+            value = _yaml_word(value, choices)
         if value in choices or isinstance(value, annotation):
             return value.value if isinstance(value, annotation) else value
         raise Invalid(f"must be one of {', '.join(map(str, choices))}, not {_show(value)}{_suggest(value, choices)}")
@@ -198,3 +204,9 @@ def closest(word: str, candidates: typing.Iterable[str]) -> str | None:
         return SYNONYMS[word]
     matches = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
     return matches[0] if matches else None
+
+
+def _yaml_word(value: bool, choices) -> Any:
+    """The word YAML 1.1 read as a boolean (`eval_strategy: no` arrives as False), where the choices spell it."""
+    words = ("no", "off", "false") if value is False else ("yes", "on", "true")
+    return next((word for word in words if word in choices), value)

@@ -158,3 +158,11 @@ def test_a_data_file_that_is_not_utf8_is_named_by_line_with_how_to_convert_it(ti
     assert f"{data}: line 3 is not UTF-8 (byte 0xe9" in result.output and "Café au lait" in result.output
     assert f"iconv -f cp1252 -t utf-8 {data} > {tmp_path / 'latin1.utf8.jsonl'}" in result.output
     assert not (tmp_path / "runs").exists()  # found after the folder was locked: the lock left nothing behind
+
+
+def test_yaml_1_1_no_is_the_word_no_where_a_choice_spells_it(write_recipe, data_file):
+    # YAML 1.1 reads an unquoted `no` as false; `eval_strategy: no` means the choice "no", not a type error.
+    path = write_recipe(f"model: owner/model\ndata:\n  train: {data_file}\ntraining:\n  save_strategy: no\n")
+    recipe = load_recipe(path, ["training.eval_strategy=no"])
+    assert recipe.training["eval_strategy"] == "no" and recipe.training["save_strategy"] == "no"
+    assert "did you mean no?" in problems(path, ["training.eval_strategy=nope"])[0]
