@@ -94,8 +94,10 @@ class MergeResult:
 
 def load_recipe(recipe: RecipeLike, command: str = "sft", **sections: Any):
     """The validated Recipe for `command`, from a file, a dict or a Recipe, with section overrides applied."""
+    from lorakit.models.loading import quiet_upstream_logs
     from lorakit.recipe.sections import Recipe
 
+    quiet_upstream_logs()  # before peft and bitsandbytes are imported: bitsandbytes speaks up on import
     if isinstance(recipe, Recipe):
         if sections:
             raise LorakitError("overrides apply to a recipe file or dict; this Recipe is already validated")
@@ -195,7 +197,9 @@ def evaluate(target: str | os.PathLike, *, data: str | os.PathLike | None = None
     command writes it (lorakit_eval.json in the folder, or `output`)."""
     from lorakit.commands.evaluate import choose_report_path, run_eval
     from lorakit.models.inference import resolve_target
+    from lorakit.models.loading import quiet_upstream_logs
 
+    quiet_upstream_logs()
     report = run_eval(str(target), data=str(data) if data is not None else None, split=split,
                       compare_base=compare_base, max_new_tokens=max_new_tokens, batch_size=batch_size,
                       output=str(output) if output is not None else None, device=device, metrics=metrics)
@@ -208,8 +212,10 @@ def evaluate(target: str | os.PathLike, *, data: str | os.PathLike | None = None
 def merge(run: str | os.PathLike, *, output: str | os.PathLike | None = None, base: str | None = None,
           dtype: str = "auto", device: str = "cpu") -> MergeResult:
     """`lorakit merge`: the run's adapter folded into its base, checked by its logits."""
+    from lorakit.models.loading import quiet_upstream_logs
     from lorakit.models.merge import MERGE_RECORD, merge_run
 
+    quiet_upstream_logs()
     folder = Path(merge_run(run, output=output, base=base, dtype=dtype, device=device))
     record = json.loads((folder / MERGE_RECORD).read_text(encoding="utf-8"))
     return MergeResult(output_dir=folder, check=record.get("check") or {}, record=record)
@@ -219,7 +225,9 @@ def generate(target: str | os.PathLike, prompt: str, *, system: str | None = Non
              device: str | None = None) -> str:
     """`lorakit generate`: one greedy reply through the chat template."""
     from lorakit.commands.generate import generate_reply
+    from lorakit.models.loading import quiet_upstream_logs
 
+    quiet_upstream_logs()
     return generate_reply(str(target), prompt, system=system, max_new_tokens=max_new_tokens, device=device)
 
 
