@@ -14,7 +14,8 @@ The job (benchmarks/peer_job.py): the same base folder and 700 chat rows, LoRA r
 rate 2e-4 with linear decay and no warm-up, 30 optimizer steps of 4 rows, max length 512, float32 (lorakit: its own
 dtype choice, which the table names), no activation checkpointing, loss on the assistant replies only; packing off,
 then on. Every round runs every tool once (A B C D A B C D ...), alone and then beside a CPU-bound neighbour process
-(`--neighbour`); each cell reports its best round, and the spread of its rounds as the noise.
+(`--conditions`); each cell reports its best round, and the spread of its rounds as the noise. `lorakit-fp32` in
+`--tools` adds lorakit with its model dtype forced to float32, beside its own choice.
 
 Measured, the same way for every tool (benchmarks/peer_probe/sitecustomize.py is loaded into each process):
 wall time from the command's start to its exit with the adapter saved; real tokens the trainer was handed (non-pad)
@@ -49,10 +50,13 @@ COMMANDS = {  # (train command, --help command); the executable is looked up in 
     "llamafactory": (["llamafactory-cli", "train", "{config}"], ["llamafactory-cli", "help"]),
     "axolotl": (["axolotl", "train", "{config}"], ["axolotl", "train", "--help"]),
 }
+# lorakit with its model dtype forced, beside its own choice: NAME -> (tool, model.dtype).
+VARIANTS = {"lorakit-fp32": ("lorakit", "float32")}
 NEIGHBOUR = "while True: pass"  # one CPU-bound thread, as a compile or another training job would be
 
 
 def tool_bin(tool: str, peers_root: Path) -> Path:
+    tool = VARIANTS.get(tool, (tool,))[0]
     return Path(sys.executable).parent if tool == "lorakit" else peers_root / tool / "bin"
 
 
@@ -73,7 +77,7 @@ def clean_env(work: Path, tool: str, probe: Path | None, peers_root: Path) -> di
 def run_tool(tool: str, config: Path, output: Path, work: Path, peers_root: Path, timeout: int) -> dict:
     """Run one tool's training command; what it measured, or the exact error it stopped with."""
     binary = tool_bin(tool, peers_root)
-    command = [part.format(config=config) for part in COMMANDS[tool][0]]
+    command = [part.format(config=config) for part in COMMANDS[VARIANTS.get(tool, (tool,))[0]][0]]
     if not (binary / command[0]).exists():
         return {"ok": False, "error": f"not installed: {binary / command[0]} is missing"}
     command[0] = str(binary / command[0])
@@ -111,8 +115,15 @@ def run_tool(tool: str, config: Path, output: Path, work: Path, peers_root: Path
 def first_error(log: str) -> str:
     """The line a user would read: the last exception line (`SomethingError: ...`), else the last line."""
     lines = [line.strip() for line in log.splitlines() if line.strip()]
-    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Exit)\b.*:", line)]
-    return (errors[-1] if errors else lines[-1] if lines else "")[:400]
+    errors = [index for index, line in enumerate(lines) if re.match(r"^[\w.]*(Error|Exception|Exit)\b.*:", line)]
+    # A tool that re-launches itself ends on the launcher's CalledProcessError: the child's own error comes first.
+    own = [index for index in errors if "CalledProcessError" not in lines[index]] or errors
+    if not own:
+        return (lines[-1] if lines else "")[:400]
+    index = own[-1]
+    # pydantic names the field on the next line and says what is wrong with it on the one after
+    detail = " ".join(lines[index + 1:index + 3]) if "validation error" in lines[index] else ""
+    return f"{lines[index]} {detail}".strip()[:400]
 
 
 def help_time(tool: str, peers_root: Path, work: Path, tries: int = 3) -> float | str:
@@ -137,8 +148,7 @@ def help_time(tool: str, peers_root: Path, work: Path, tries: int = 3) -> float 
 def run_job(args, work: Path, paths: dict) -> dict:
     runs = work / "runs"
     cells: dict[str, list[dict]] = {}
-    conditions = ["alone", "neighbour"] if args.neighbour else ["alone"]
-    packings = {"off": [False], "on": [True], "both": [False, True]}[args.packing]
+    conditions, packings = args.conditions, {"off": [False], "on": [True], "both": [False, True]}[args.packing]
     for round_index in range(args.rounds):
         for condition in conditions:
             neighbour = (subprocess.Popen([sys.executable, "-c", NEIGHBOUR]) if condition == "neighbour" else None)
@@ -147,7 +157,8 @@ def run_job(args, work: Path, paths: dict) -> dict:
                     for tool in args.tools:
                         key = cell_key(tool, packing, condition)
                         output = runs / f"{key}-r{round_index}"
-                        config = peer_job.write_config(tool, paths, output, packing, lorakit_dtype=args.lorakit_dtype)
+                        base_tool, dtype = VARIANTS.get(tool, (tool, args.lorakit_dtype))
+                        config = peer_job.write_config(base_tool, paths, output, packing, lorakit_dtype=dtype)
                         result = run_tool(tool, config, output, work, args.peers_root, args.timeout)
                         cells.setdefault(key, []).append(result)
                         print(f"round {round_index + 1} {key}: " + (
@@ -242,12 +253,13 @@ def main() -> None:
     parser.add_argument("--peers-root", type=Path, default=Path(os.environ.get("PEERS_ROOT", "/work/peers")))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--packing", choices=["off", "on", "both"], default="both")
-    parser.add_argument("--neighbour", action=argparse.BooleanOptionalAction, default=True,
-                        help="also run every round beside a CPU-bound neighbour process")
+    parser.add_argument("--conditions", default="alone,neighbour", type=lambda text: text.split(","),
+                        help="alone, and/or beside a CPU-bound neighbour process (every round runs each)")
     parser.add_argument("--base", choices=["tiny", "smollm2"], default="tiny")
     parser.add_argument("--lorakit-dtype", help="force lorakit's model.dtype (default: its own choice)")
     parser.add_argument("--defaults", action="store_true", help="run each tool's five-line config instead")
     parser.add_argument("--timeout", type=int, default=900, help="seconds one run may take")
+    parser.add_argument("--help-tries", type=int, default=3, help="`--help` timings per tool (0: none)")
     parser.add_argument("--workdir", type=Path, help="keep the job and the runs here (default: a temporary folder)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
@@ -267,14 +279,14 @@ def main() -> None:
         report["defaults"] = results
         table = defaults_table(results)
     else:
-        helps = {tool: help_time(tool, args.peers_root, work) for tool in args.tools}
+        helps = {tool: help_time(tool, args.peers_root, work, args.help_tries) for tool in args.tools
+                 if tool not in VARIANTS and args.help_tries}
         summary = summarize(run_job(args, work, paths))
         report["base_heldout_loss"] = add_heldout(summary, paths)
         add_memory_check(summary, paths)
         report.update(helps=helps, summary=summary)
-        conditions = ["alone", "neighbour"] if args.neighbour else ["alone"]
         packings = {"off": [False], "on": [True], "both": [False, True]}[args.packing]
-        table = job_table(summary, helps, args.tools, conditions, packings)
+        table = job_table(summary, helps, args.tools, args.conditions, packings)
         table += "\n\n" + memory_lines(summary)
     table += f"\n\nHeld-out loss of the untrained base: {report['base_heldout_loss']:.3f}"
     print(f"\n{report['machine']}\n\n{table}")
