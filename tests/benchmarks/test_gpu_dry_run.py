@@ -15,7 +15,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu.py"
 
 @pytest.mark.slow
 def test_gpu_benchmark_runs_its_variants_and_writes_json_and_table(tmp_path):
-    variants = "lora,lora-trl,qlora,lora-liger"
+    variants = "lora,lora-trl,qlora"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, str(SCRIPT), "--shape", "tiny", "--steps", "3", "--warmup", "1", "--seq",
                            "256", "--rows", "48", "--variants", variants, "--out", str(tmp_path)],
@@ -31,7 +31,5 @@ def test_gpu_benchmark_runs_its_variants_and_writes_json_and_table(tmp_path):
         assert result["final_loss"] is not None
     # lorakit's runs carry the memory estimate for their recipe, set against the measured peak (RSS here).
     assert results["lora"]["estimate"] > 0 and results["lora"]["measured_peak"] > 0
-    # A variant that cannot run here (Liger's kernels need CUDA and the package) is recorded with its error.
-    assert "error" in results["lora-liger"] or results["lora-liger"]["tokens_per_s"] > 0
     table = (tmp_path / "gpu.md").read_text()
     assert "| lora | sdpa |" in table and "x plain trl" in table and "MFU =" in report["mfu_formula"]
