@@ -119,6 +119,7 @@ def check_dpo_recipe(validator, raw: dict, model: dict, lora: dict, data: dict, 
     (the start run's adapter, when the run continues one)."""
     name = model.get("name_or_path")
     preference = sections.get("preference") or {}
+    training = raw.get("training") if isinstance(raw.get("training"), dict) else {}
     start = None
     if validator.check_paths and isinstance(name, str) and is_run_folder(name):
         try:
@@ -131,6 +132,10 @@ def check_dpo_recipe(validator, raw: dict, model: dict, lora: dict, data: dict, 
             validator.warning(("lora",), f"ignored: {name} holds the adapter this run trains further "
                               f"(r={settings.get('r')}, lora_alpha={settings.get('lora_alpha')}), whose shape is fixed")
         lora = {**lora, **settings}
+        if preference.get("reference") == "base" and training.get("precompute_ref_log_probs"):
+            # trl precomputes while it builds the trainer, with the SFT copy as reference, before lorakit removes it
+            validator.problem(("training", "precompute_ref_log_probs"), "not with preference.reference: base from "
+                              "a run folder: the reference log-probabilities would be the SFT model's")
     elif preference.get("reference") == "sft" and validator.check_paths:
         validator.problem(("preference", "reference"), "sft needs model.name_or_path to be a finished SFT run folder "
                           "(runs/my-sft); from a base model the reference is the base")
@@ -143,14 +148,12 @@ def check_dpo_recipe(validator, raw: dict, model: dict, lora: dict, data: dict, 
                 validator.problem(("data", split, index, "format"), f"{source['format']} is a format of sft data; "
                                   "lorakit dpo reads preference pairs (chosen, rejected and a prompt): remove format "
                                   "and map other column names with columns:")
-    training = raw.get("training") or {}
-    if isinstance(training, dict):
-        if training.get("sync_ref_model"):
-            validator.problem(("training", "sync_ref_model"), "not with a LoRA adapter: the reference is the frozen "
-                              "start adapter (or the base), not a separate model trl could update")
-        if training.get("model_init_kwargs") is not None:
-            validator.problem(("training", "model_init_kwargs"), "lorakit loads the model itself from model: and "
-                              "quantization:; set those instead")
+    if training.get("sync_ref_model"):
+        validator.problem(("training", "sync_ref_model"), "not with a LoRA adapter: the reference is the frozen "
+                          "start adapter (or the base), not a separate model trl could update")
+    if training.get("model_init_kwargs") is not None:
+        validator.problem(("training", "model_init_kwargs"), "lorakit loads the model itself from model: and "
+                          "quantization:; set those instead")
     return lora
 
 

@@ -193,13 +193,16 @@ def test_dpo_on_an_sft_run_raises_the_preference_margin(tiny_llama, sft_then_dpo
     assert not (out / "ref").exists() and not list(out.glob("checkpoint-*"))  # the adapter alone, no reference copy
     model = PeftModel.from_pretrained(plain_peft(tiny_llama, None), out)  # plain peft loads it on the base
     assert list(model.peft_config) == ["default"]
+    card = (out / "README.md").read_text()
+    assert "supervised fine-tuning (trl `SFTTrainer`), then preference optimization (trl `DPOTrainer`)" in card
+    assert "- sft\n" in card and "- dpo\n" in card  # both stages among the card's tags
 
 
 @pytest.mark.slow
 def test_eval_merge_and_generate_work_on_a_dpo_run(tiny_llama, sft_then_dpo, tmp_path):
     from lorakit.models.merge import compare_logits
 
-    _, out, _, _ = sft_then_dpo
+    sft, out, _, _ = sft_then_dpo
     result = run_cli("eval", str(out), "--compare-base", "--output", str(tmp_path / "report.json"))
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "report.json").read_text())["metrics"]
@@ -222,6 +225,10 @@ def test_eval_merge_and_generate_work_on_a_dpo_run(tiny_llama, sft_then_dpo, tmp
 
     result = CliRunner().invoke(main, ["generate", str(out), "What colour is the sky?", "--max-new-tokens", "8"])
     assert result.exit_code == 0, result.output
+    # SFT-style rows (messages) get the loss and exact match of any run, on the base the DPO run trained.
+    result = run_cli("eval", str(out), "--data", str(sft.parent / "sft.jsonl"), "--output", str(tmp_path / "em.json"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "em.json").read_text())["metrics"]["model"]["exact_match"] is not None
 
 
 @pytest.mark.slow

@@ -52,6 +52,9 @@ def test_an_sft_run_folder_is_a_start_and_its_adapter_shape_is_kept(sft_run, tmp
     assert [w.path for w in recipe.warnings] == ["lora"] and "ignored" in recipe.warnings[0].message
     assert recipe.sections["preference"] == {"reference": None, "on_bad_rows": "error"}
     assert recipe.training["learning_rate"] == 5.0e-6  # lorakit's DPO default, not sft's 2e-4
+    text = problems(write(tmp_path, f"model: {sft_run}\npreference:\n  reference: base"),
+                    "training.precompute_ref_log_probs=true")
+    assert "training.precompute_ref_log_probs (command line): not with preference.reference: base" in text
     with pytest.raises(RecipeError, match="holds no config.json"):  # sft cannot start from a run folder
         load_recipe(write(tmp_path, f"model: {sft_run}"), command="sft")
 
