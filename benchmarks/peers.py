@@ -69,6 +69,9 @@ def clean_env(work: Path, tool: str, probe: Path | None, peers_root: Path) -> di
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", CUDA_VISIBLE_DEVICES="", WANDB_MODE="disabled",
                DISABLE_VERSION_CHECK="1", HF_HOME=str(work / "hf-home" / tool),
                LORAKIT_CACHE=str(work / "lorakit-cache"), PYTHONPATH=str(PROBE))
+    if VARIANTS.get(tool, (tool,))[0] == "lorakit":
+        # The lorakit of this checkout (a worktree being measured), ahead of whichever one the venv has installed.
+        env["PYTHONPATH"] += os.pathsep + str(Path(__file__).resolve().parent.parent)
     if probe is not None:
         env["LORAKIT_BENCH_PROBE"] = str(probe)
     return env

@@ -109,7 +109,16 @@ def run_eval(target_name: str, *, data: str | None = None, split: str | None = N
     results = {"model": score(model, tokenizer, eval_data, batch_size, max_new_tokens, "model", metrics)}
     harness_results = run_harness(model, tokenizer, harness, batch_size) if harness else None
     if compare_base:
-        if target.kind == "adapter":
+        from lorakit.evaluation.preference import START_ADAPTER, start_run_folder, using
+
+        dpo_run = target.kind == "adapter" and target.recipe is not None and target.recipe.command == "dpo"
+        start_run = start_run_folder(target) if dpo_run else None
+        if start_run is not None:  # a DPO run that continued an SFT run: its start point is the SFT model
+            model.load_adapter(str(start_run), adapter_name=START_ADAPTER)
+            with using(model, START_ADAPTER):
+                results["start"] = score(model, tokenizer, eval_data, batch_size, max_new_tokens, "start", metrics)
+            eval_data.notes.append(f"start: the SFT model ({start_run}), the DPO run's starting point")
+        elif target.kind == "adapter":
             with model.disable_adapter():  # the same loaded base, without the adapter: no second copy
                 results["base"] = score(model, tokenizer, eval_data, batch_size, max_new_tokens, "base", metrics)
         else:

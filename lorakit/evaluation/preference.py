@@ -132,14 +132,16 @@ def load_pairs(target, data: str | None, split: str | None, tokenizer) -> tuple[
         {key: default for key, (_, default) in own_fields(DataSection).items() if key not in ("train", "eval")}
     on_bad_rows = recipe.sections["preference"]["on_bad_rows"] if dpo else "error"
     seed = recipe.training.get("seed", 42) if recipe is not None else 42
+    tokenization = Tokenization.for_tokenizer(tokenizer, "completions")
     if data:
-        tokenization = Tokenization.for_tokenizer(tokenizer, "completions")
         dataset, _ = prepare_pair_split([eval_source(data, split)], tokenization, section, on_bad_rows, seed)
         description = data if not split else f"{data} ({split})"
-    elif dpo and (section.get("eval") or section.get("eval_fraction")):
+    elif dpo and section.get("eval"):  # only the eval sources: the training pairs need not be tokenized again
+        dataset, _ = prepare_pair_split(section["eval"], tokenization, section, on_bad_rows, seed)
+        description = ", ".join(source["path"] for source in section["eval"])
+    elif dpo and section.get("eval_fraction"):  # the same split of the training pairs as in training
         dataset = prepare_pairs(section, tokenizer, on_bad_rows, seed).eval
-        description = (", ".join(s["path"] for s in section["eval"]) if section.get("eval") else
-                       f"the {section['eval_fraction']:.0%} of the training pairs held out in training (seed {seed})")
+        description = f"the {section['eval_fraction']:.0%} of the training pairs held out in training (seed {seed})"
     else:
         raise LorakitError(f"{target.name}: no eval pairs: its recipe has neither data.eval nor data.eval_fraction; "
                            "pass --data PATH_OR_ID with chosen and rejected columns")

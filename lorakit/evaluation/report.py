@@ -20,13 +20,15 @@ def print_report(report: dict) -> None:
     names = list(metrics)
     chosen = report["settings"].get("metrics") or ["exact_match", "token_f1"]
     rows = [(*ROWS[key][:1], key, ROWS[key][1]) for key in ("loss", "perplexity", *chosen)]
-    header = ["", *names] + (["change"] if "base" in metrics else [])
+    # The column the model is compared with: the base, or the start point (the SFT model of a DPO run).
+    other = next((name for name in names if name != "model"), None)
+    header = ["", *names] + (["change"] if other else [])
     table = [header]
     for title, key, form in rows:
         values = [metrics[name].get(key) for name in names]
         line = [title] + [show(value, form) for value in values]
-        if "base" in metrics:
-            line.append(show_change(metrics["model"].get(key), metrics["base"].get(key), key))
+        if other:
+            line.append(show_change(metrics["model"].get(key), metrics[other].get(key), key))
         table.append(line)
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     click.echo("")
@@ -40,8 +42,8 @@ def print_report(report: dict) -> None:
         click.echo(f"    prompt     {shorten_prompt(example['prompt'])}")
         click.echo(f"    reference  {one_line(example['reference'])}")
         click.echo(f"    model      {one_line(example['prediction'])}")
-        if "base_prediction" in example:
-            click.echo(f"    base       {one_line(example['base_prediction'])}")
+        if f"{other}_prediction" in example:
+            click.echo(f"    {other:<9}  {one_line(example[f'{other}_prediction'])}")
     click.echo("")
 
 

@@ -299,8 +299,11 @@ def training_setup(recipe, device: str, launch: Launch, longest: int | None = No
     attention = model.get("attn_implementation", "auto")
     from lorakit.models.loading import PACKABLE_ATTENTION, choose_attention
 
-    packing = (training["packing"] if training.get("packing") is not None
-               else choose_attention(attention, "cpu" if on_cpu else "cuda") in PACKABLE_ATTENTION)
+    chosen_attention = choose_attention(attention, "cpu" if on_cpu else "cuda")
+    packing = training["packing"] if training.get("packing") is not None else chosen_attention in PACKABLE_ATTENTION
+    micro_batch = setting("per_device_train_batch_size")
+    if packing and chosen_attention not in PACKABLE_ATTENTION:
+        micro_batch = 1  # sft trains one packed row per forward pass without variable-length kernels (commands/sft.py)
     checkpointing = training.get("activation_checkpointing", training.get("gradient_checkpointing"))
     if checkpointing is None:
         checkpointing = not on_cpu  # sft's default: on for GPUs, off on the CPU
@@ -309,7 +312,7 @@ def training_setup(recipe, device: str, launch: Launch, longest: int | None = No
         dtype = "float32" if on_cpu else "bfloat16"
     max_length = recipe.data["max_length"]
     return TrainingSetup(
-        micro_batch=setting("per_device_train_batch_size"),
+        micro_batch=micro_batch,
         seq_len=max_length if packing or not longest else min(max_length, longest),
         dtype=dtype,
         gradient_checkpointing=bool(checkpointing) or launch.activation_checkpointing,

@@ -36,8 +36,10 @@ def print_summary(recipe: Recipe, placement, command_rows: list[tuple[str, str]]
     ]
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    # A DPO step scores each pair twice (chosen and rejected): it counts pairs, as its data rows do.
+    unit = "pairs (chosen + rejected)" if recipe.command == "dpo" else "sequences"
     rows += [
-        ("batch", f"{batch} sequences per step = {args.per_device_train_batch_size} per device x "
+        ("batch", f"{batch} {unit} per step = {args.per_device_train_batch_size} per device x "
                   f"{args.gradient_accumulation_steps} accumulation x {args.world_size} process(es)"
                   + (", packed" if getattr(args, "packing", False) else "")),
         ("steps", f"{steps} optimizer steps, learning rate {args.learning_rate:g} ({scheduler})"),

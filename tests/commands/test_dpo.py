@@ -226,9 +226,19 @@ def test_eval_merge_and_generate_work_on_a_dpo_run(tiny_llama, sft_then_dpo, tmp
     result = CliRunner().invoke(main, ["generate", str(out), "What colour is the sky?", "--max-new-tokens", "8"])
     assert result.exit_code == 0, result.output
     # SFT-style rows (messages) get the loss and exact match of any run, on the base the DPO run trained.
-    result = run_cli("eval", str(out), "--data", str(sft.parent / "sft.jsonl"), "--output", str(tmp_path / "em.json"))
+    # With --compare-base, beside the start point: the SFT model, scored exactly as `lorakit eval` scores the SFT run.
+    rows = str(sft.parent / "sft.jsonl")
+    result = run_cli("eval", str(out), "--data", rows, "--compare-base", "--output", str(tmp_path / "em.json"))
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "em.json").read_text())["metrics"]["model"]["exact_match"] is not None
+    assert "start" in result.output and "the SFT model" in result.output
+    metrics = json.loads((tmp_path / "em.json").read_text())["metrics"]
+    assert metrics["model"]["exact_match"] is not None and "base" not in metrics
+    result = run_cli("eval", str(sft), "--data", rows, "--output", str(tmp_path / "sft.json"))
+    assert result.exit_code == 0, result.output
+    sft_metrics = json.loads((tmp_path / "sft.json").read_text())["metrics"]["model"]
+    assert metrics["start"]["loss"] == pytest.approx(sft_metrics["loss"], abs=1e-5)
+    assert metrics["start"]["exact_match"] == sft_metrics["exact_match"]
+    assert metrics["model"]["loss"] != pytest.approx(metrics["start"]["loss"], abs=1e-6)  # DPO moved the adapter
 
 
 @pytest.mark.slow
