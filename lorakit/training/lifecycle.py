@@ -119,7 +119,7 @@ def run_locked(recipe: Recipe, build: Callable[[RunContext], Built], *, overwrit
     """The run itself, with its output folder locked."""
     from lorakit.data import cache
     from lorakit.models.loading import choose_placement, count_parameters, quiet_upstream_logs
-    from lorakit.training import guards, threads
+    from lorakit.training import allocator, guards, threads
 
     check_options(overwrite, no_resume)
     refuse_unsafe_settings(recipe)
@@ -144,6 +144,7 @@ def run_locked(recipe: Recipe, build: Callable[[RunContext], Built], *, overwrit
     quiet_upstream_logs()
     placement = choose_placement(recipe.model, device)
     callbacks = (*callbacks, *threads.follow_free_cores(placement))  # CPU: train on the cores others leave free
+    allocator.keep_freed_memory(placement.device)  # CPU: no page faults re-fetching each step's memory
     stop = guards.StopOnSignal()
     built = build(RunContext(recipe, placement, fingerprint, [*build_callbacks(recipe, stop), *callbacks], resume_from))
     trainer = built.trainer
