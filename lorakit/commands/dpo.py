@@ -13,7 +13,11 @@ from typing import Any
 
 import click
 
-from lorakit.commands.training_options import relaunch_if_distributed, run_options, training_command
+from lorakit.commands.training_options import (
+    relaunch_if_distributed,
+    run_options,
+    training_command,
+)
 from lorakit.recipe.load import load_recipe
 from lorakit.recipe.sections import Recipe
 
@@ -39,7 +43,11 @@ def build_dpo(context) -> Any:
     """Start point, tokenizer, pairs, policy (+ reference) and DPOTrainer: what `lorakit dpo` trains."""
     from lorakit.data.preferences import prepare_pairs
     from lorakit.models.loading import load_tokenizer
-    from lorakit.models.preference_model import load_policy, resolve_start, use_chosen_reference
+    from lorakit.models.preference_model import (
+        load_policy,
+        resolve_start,
+        use_chosen_reference,
+    )
     from lorakit.training.lifecycle import Built
 
     recipe, placement = context.recipe, context.placement
@@ -86,34 +94,11 @@ def build_dpo_config(recipe: Recipe, placement) -> Any:
     """trl.DPOConfig from the recipe's training section plus what lorakit decides for this machine (as for sft)."""
     from trl import DPOConfig
 
-    settings = dict(recipe.training)
+    from lorakit.training.settings import eval_on_loss, machine_settings
+
+    settings = machine_settings(recipe.training, placement, bool(recipe.quantization))
     settings["max_length"] = recipe.data["max_length"]  # the pairs are already cut to it
-    on_gpu = placement.device in ("cuda", "xpu")
-    if placement.device == "cpu":
-        settings["use_cpu"] = True
-    if not recipe.quantization:
-        settings.setdefault("bf16", placement.dtype == "bfloat16" and on_gpu)
-        settings.setdefault("fp16", placement.dtype == "float16" and on_gpu)
-    else:
-        settings.setdefault("bf16", placement.dtype == "bfloat16")
-        settings.setdefault("fp16", False)
-    alias = settings.pop("gradient_checkpointing", None)
-    settings.setdefault("activation_checkpointing", on_gpu if alias is None else alias)
-    if recipe.early_stopping:
-        settings.setdefault("eval_strategy", "steps")
-        settings.setdefault("eval_steps", 0.1)
-        settings.setdefault("save_strategy", settings["eval_strategy"])
-        settings.setdefault("save_steps", settings["eval_steps"])
-        settings.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
-    elif recipe.has_eval:
-        settings.setdefault("eval_strategy", "steps")
-        settings.setdefault("eval_steps", 0.25)
-    settings.setdefault("per_device_eval_batch_size", settings.get("per_device_train_batch_size", 8))
-    # As for sft: lorakit prunes complete checkpoints itself, keeps the global batch on retries, reports NaN.
-    settings.pop("save_total_limit", None)
-    settings.pop("auto_find_batch_size", None)
-    settings.setdefault("logging_nan_inf_filter", False)
-    settings.setdefault("ddp_find_unused_parameters", False)
+    eval_on_loss(settings, recipe)
     return DPOConfig(**settings)
 
 

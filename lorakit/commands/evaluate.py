@@ -73,9 +73,13 @@ def run_eval(target_name: str, *, data: str | None = None, split: str | None = N
              harness: str | None = None, metrics: list[str] | None = None) -> dict:
     from lorakit.evaluation.metrics import DEFAULT_REPLY_METRICS, check_reply_metrics
     from lorakit.evaluation.report import print_report
-    from lorakit.models.loading import quiet_upstream_logs
-    from lorakit.models.inference import load_base_model, load_target_model, load_target_tokenizer, resolve_target
-    from lorakit.models.loading import choose_placement
+    from lorakit.models.inference import (
+        load_base_model,
+        load_target_model,
+        load_target_tokenizer,
+        resolve_target,
+    )
+    from lorakit.models.loading import choose_placement, quiet_upstream_logs
 
     quiet_upstream_logs()
     target = resolve_target(target_name)
@@ -178,7 +182,7 @@ def is_eval_report(path: Path) -> bool:
 
 def load_eval_data(target, data: str | None, split: str | None, tokenizer) -> EvalData:
     """The rows to score, tokenized exactly as training tokenizes (lorakit.data), from --data or the recipe."""
-    from lorakit.data.labels import Tokenization
+    from lorakit.data.labels import Tokenization, last_trained_span
     from lorakit.data.pipeline import prepare_data, prepare_split
     from lorakit.recipe.sections import DataSection, own_fields
 
@@ -235,21 +239,6 @@ def load_eval_data(target, data: str | None, split: str | None, tokenizer) -> Ev
         notes.append("no row has a prompt and a reference reply (plain text data): loss only")
     return EvalData(description=description, loss_rows=loss_rows, prompts=prompts, references=references,
                     notes=notes)
-
-
-def last_trained_span(labels: list[int]) -> tuple[int, int] | None:
-    """[start, end) of the last run of trained (not IGNORE) labels: the last reply and its end-of-turn token."""
-    from lorakit.data.labels import IGNORE
-
-    end = len(labels)
-    while end > 0 and labels[end - 1] == IGNORE:
-        end -= 1
-    if end == 0:
-        return None
-    start = end
-    while start > 0 and labels[start - 1] != IGNORE:
-        start -= 1
-    return start, end
 
 
 def check_training_data_unchanged(target, data_section: dict) -> list[str]:

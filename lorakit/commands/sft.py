@@ -11,7 +11,11 @@ from typing import Any
 
 import click
 
-from lorakit.commands.training_options import relaunch_if_distributed, run_options, training_command
+from lorakit.commands.training_options import (
+    relaunch_if_distributed,
+    run_options,
+    training_command,
+)
 from lorakit.recipe.load import load_recipe
 from lorakit.recipe.sections import Recipe
 
@@ -89,37 +93,16 @@ def build_sft_config(recipe: Recipe, placement, tokenizer) -> Any:
     from trl import SFTConfig
 
     from lorakit.models.loading import PACKABLE_ATTENTION
+    from lorakit.training.settings import eval_on_loss, machine_settings
 
-    settings = dict(recipe.training)
+    settings = machine_settings(recipe.training, placement, bool(recipe.quantization))
     settings["max_length"] = recipe.data["max_length"]
-    on_gpu = placement.device in ("cuda", "xpu")
-    if placement.device == "cpu":
-        settings["use_cpu"] = True
-    if not recipe.quantization:
-        settings.setdefault("bf16", placement.dtype == "bfloat16" and on_gpu)
-        settings.setdefault("fp16", placement.dtype == "float16" and on_gpu)
-    else:
-        settings.setdefault("bf16", placement.dtype == "bfloat16")
-        settings.setdefault("fp16", False)
-    # Checkpointing trades ~30% speed for activation memory; on CPU memory is rarely the limit (measured 20x slower).
-    # `gradient_checkpointing` is transformers' deprecated alias of `activation_checkpointing`; a recipe may use either.
-    alias = settings.pop("gradient_checkpointing", None)
-    settings.setdefault("activation_checkpointing", on_gpu if alias is None else alias)
     # Packing (best-fit, padding-free) only where variable-length attention kernels make it cheap; elsewhere,
     # batches of similar lengths waste little on padding without the quadratic cost of one long packed row.
     settings.setdefault("packing", placement.attn_implementation in PACKABLE_ATTENTION)
     if not settings["packing"]:
         settings.setdefault("train_sampling_strategy", "group_by_length")
-    if recipe.early_stopping:
-        settings.setdefault("eval_strategy", "steps")
-        settings.setdefault("eval_steps", 0.1)
-        settings.setdefault("save_strategy", settings["eval_strategy"])
-        settings.setdefault("save_steps", settings["eval_steps"])
-        settings.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
-    elif recipe.has_eval:
-        settings.setdefault("eval_strategy", "steps")
-        settings.setdefault("eval_steps", 0.25)
-    settings.setdefault("per_device_eval_batch_size", settings.get("per_device_train_batch_size", 8))
+    eval_on_loss(settings, recipe)
     # Packed without variable-length kernels, trl flattens a micro-batch into one row whose block-diagonal attention
     # is computed whole: quadratic in the micro-batch's total length. One packed row per forward pass, accumulated
     # into the same optimizer step, gives the same gradients (the loss is normalized over the step's tokens) for a
@@ -129,14 +112,6 @@ def build_sft_config(recipe: Recipe, placement, tokenizer) -> Any:
     if settings["packing"] and placement.attn_implementation not in PACKABLE_ATTENTION and rows > 1:
         settings["per_device_train_batch_size"] = 1
         settings["gradient_accumulation_steps"] = settings.get("gradient_accumulation_steps", 1) * rows
-    # lorakit prunes checkpoints itself, and only once a newer one is complete (guards.MarkCompleteCheckpoints).
-    settings.pop("save_total_limit", None)
-    # lorakit's retry keeps the global batch (guards.train); transformers' own would shrink it 10% per retry.
-    settings.pop("auto_find_batch_size", None)
-    # A NaN loss is a failure to report (guards.StopOnDivergence), not a value to smooth over in the log.
-    settings.setdefault("logging_nan_inf_filter", False)
-    # Every LoRA weight takes part in every step; looking for unused ones costs a graph traversal per step.
-    settings.setdefault("ddp_find_unused_parameters", False)
     return SFTConfig(**settings)
 
 

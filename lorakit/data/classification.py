@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorakit.data.sources import load_source, source_fingerprint
+from lorakit.data.sources import load_renamed, source_fingerprint
 from lorakit.errors import DataError
 
 MAX_REPORTED_ROW_ERRORS = 20
@@ -93,14 +93,7 @@ class RawRows:
 def read_source(source: dict, task: dict, need_labels: bool = True) -> RawRows:
     """A source's text, pair and label columns, after its `columns:` renames ({task name: source column})."""
     name = source["path"]
-    dataset = load_source(source)
-    renames = {src: dst for dst, src in (source.get("columns") or {}).items()}
-    missing = [src for src in renames if src not in dataset.column_names]
-    if missing:
-        raise DataError(f"{name}: columns: names {', '.join(missing)}, which the data does not have "
-                        f"(it has {', '.join(dataset.column_names)})")
-    if renames:
-        dataset = dataset.rename_columns(renames)
+    dataset = load_renamed(source)
     wanted = [task["text_column"]] + ([task["text_pair_column"]] if task.get("text_pair_column") else [])
     wanted += [task["label_column"]] if need_labels else []
     absent = [column for column in wanted if column not in dataset.column_names]

@@ -277,3 +277,16 @@ def tool_names(tools: list[dict]) -> list[str]:
         if isinstance(function.get("name"), str):
             names.append(function["name"])
     return names
+
+
+def last_trained_span(labels: list[int]) -> tuple[int, int] | None:
+    """[start, end) of the last run of trained (not IGNORE) labels: the last reply and its end-of-turn token."""
+    end = len(labels)
+    while end > 0 and labels[end - 1] == IGNORE:
+        end -= 1
+    if end == 0:
+        return None
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE:
+        start -= 1
+    return start, end

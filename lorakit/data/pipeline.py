@@ -16,7 +16,7 @@ from typing import Any
 
 from lorakit.data.formats import FORMAT_COLUMNS, row_to_example
 from lorakit.data.labels import IGNORE, Tokenization
-from lorakit.data.sources import detect_format, load_source, source_fingerprint
+from lorakit.data.sources import detect_format, load_renamed, source_fingerprint
 from lorakit.errors import DataError
 
 MAX_REPORTED_ROW_ERRORS = 20
@@ -74,14 +74,7 @@ def prepare_source(source: dict, tokenization: Tokenization, max_length: int, tr
     import datasets
 
     name = source["path"]
-    dataset = load_source(source)
-    renames = {src: dst for dst, src in (source.get("columns") or {}).items()}
-    missing = [src for src in renames if src not in dataset.column_names]
-    if missing:
-        raise DataError(f"{name}: columns: names {', '.join(missing)}, which the data does not have "
-                        f"(it has {', '.join(dataset.column_names)})")
-    if renames:
-        dataset = dataset.rename_columns(renames)
+    dataset = load_renamed(source)
     fmt = source.get("format") or detect_format(dataset.column_names, name)
     needed = [c for c in FORMAT_COLUMNS[fmt] if c not in dataset.column_names]
     if needed:

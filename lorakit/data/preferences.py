@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.data.formats import _messages, _show
-from lorakit.data.labels import IGNORE, Tokenization
+from lorakit.data.labels import Tokenization, last_trained_span
 from lorakit.data.pipeline import MAX_REPORTED_ROW_ERRORS, SourceReport, _sample
-from lorakit.data.sources import load_source, source_fingerprint
+from lorakit.data.sources import load_renamed, source_fingerprint
 from lorakit.errors import DataError
 
 PAIR_COLUMNS = ("chosen", "rejected")
@@ -128,19 +128,6 @@ def split_row(row: dict) -> tuple[str, Any, Any, Any]:
     return "chat", context, replies[0], replies[1]
 
 
-def scored_span(labels: list[int]) -> tuple[int, int] | None:
-    """[start, end) of the last run of trained labels: the last reply with its end-of-turn token."""
-    end = len(labels)
-    while end > 0 and labels[end - 1] == IGNORE:
-        end -= 1
-    if end == 0:
-        return None
-    start = end
-    while start > 0 and labels[start - 1] != IGNORE:
-        start -= 1
-    return start, end
-
-
 def encode_pair(row: dict, tokenization: Tokenization) -> dict[str, list[int]]:
     """prompt_ids, chosen_ids, rejected_ids of one row; each response is the span sft would train."""
     shape, prompt, chosen, rejected = split_row(row)
@@ -148,7 +135,7 @@ def encode_pair(row: dict, tokenization: Tokenization) -> dict[str, list[int]]:
     for reply in (chosen, rejected):
         example = {"prompt": prompt, "completion": reply} if shape == "text" else {"messages": prompt + [reply]}
         ids, labels = tokenization.encode(example)
-        span = scored_span(labels)
+        span = last_trained_span(labels)
         if span is None or span[0] == 0:
             raise BadRow("empty response", "no token of the response is scored (the chat template drops it)")
         sequences.append((ids, span))
@@ -179,14 +166,7 @@ def prepare_pair_source(source: dict, tokenization: Tokenization, data_section: 
                         report: PairReport, seed: int) -> Any:
     """One source's pairs: loaded, renamed, encoded, long pairs handled, sampled by fraction/weight."""
     name = source["path"]
-    dataset = load_source(source)
-    renames = {src: dst for dst, src in (source.get("columns") or {}).items()}
-    missing = [src for src in renames if src not in dataset.column_names]
-    if missing:
-        raise DataError(f"{name}: columns: names {', '.join(missing)}, which the data does not have "
-                        f"(it has {', '.join(dataset.column_names)})")
-    if renames:
-        dataset = dataset.rename_columns(renames)
+    dataset = load_renamed(source)
     absent = [c for c in PAIR_COLUMNS if c not in dataset.column_names]
     if absent:
         raise DataError(f"{name}: preference pairs need columns chosen and rejected (and prompt, unless chosen and "

@@ -49,6 +49,18 @@ def load_source(source: dict) -> Any:
         raise DataError(_explain_load_error(path, error)) from None
 
 
+def load_renamed(source: dict) -> Any:
+    """load_source, then the source's `columns:` renames ({lorakit's name: the data's column})."""
+    name = source["path"]
+    dataset = load_source(source)
+    renames = {src: dst for dst, src in (source.get("columns") or {}).items()}
+    missing = [src for src in renames if src not in dataset.column_names]
+    if missing:
+        raise DataError(f"{name}: columns: names {', '.join(missing)}, which the data does not have "
+                        f"(it has {', '.join(dataset.column_names)})")
+    return dataset.rename_columns(renames) if renames else dataset
+
+
 def load_local(loader: str, files: str | list[str]) -> Any:
     """datasets' load of local files, without its "Generating train split" bar: converting a local file takes
     a moment and the bar says nothing to the user (a Hub dataset's download keeps its bars)."""

@@ -24,9 +24,7 @@ DEFAULT_QUANT = "f16"
 
 def run_export(name: str, *, to: str, quant: str | None = None, output: str | os.PathLike | None = None,
                verify: bool = True, adapter_only: bool = False, dtype: str = "auto", device: str = "cpu") -> Path:
-    from lorakit.export import converter
     from lorakit.models.loading import quiet_upstream_logs
-    from lorakit.models.merge import check_output_folder
 
     quiet_upstream_logs()
     source_path = Path(name).expanduser()
@@ -39,6 +37,18 @@ def run_export(name: str, *, to: str, quant: str | None = None, output: str | os
                            "the whole model")
     folder = source_path.parent / source_path.stem if source_path.is_file() else source_path
     out = Path(output) if output else folder.parent / f"{folder.resolve().name}-{to}"
+    from lorakit.training.folder_lock import hold_lock
+
+    with hold_lock(out, "lorakit export"):  # a second export (or a merge) into the same folder is refused at once
+        return export_into(out, name, to, quant, verify, adapter_only, dtype, device)
+
+
+def export_into(out: Path, name: str, to: str, quant: str | None, verify: bool, adapter_only: bool, dtype: str,
+                device: str) -> Path:
+    """The export itself, with `out` locked: written beside it under a temporary name, renamed into place."""
+    from lorakit.export import converter
+    from lorakit.models.merge import check_output_folder
+
     check_output_folder(out)
     llama_cpp = None
     if to in ("gguf", "ollama"):

@@ -114,11 +114,9 @@ def apply_override(data: dict, parts: list, value: Any) -> None:
         target[last] = value
 
 
-def load_recipe(file: str | os.PathLike, overrides: typing.Sequence[str] = (), check_paths: bool = True,
-                command: str = "sft") -> Recipe:
-    """Read, override, validate and resolve a recipe for a training `command` (sft, dpo, classify: it decides
-    the class behind `training:` and the command's own sections); raise RecipeError listing every problem."""
-    file = Path(file)
+def read_with_overrides(file: Path, overrides: typing.Sequence[str]) -> tuple[dict, dict, set[tuple]]:
+    """The recipe file's mapping with the command line's `key.path=value` overrides applied; its line numbers;
+    the key paths overridden."""
     data, lines = read_yaml(file)
     overridden: set[tuple] = set()
     for text in overrides:
@@ -129,6 +127,15 @@ def load_recipe(file: str | os.PathLike, overrides: typing.Sequence[str] = (), c
             raise RecipeError(file, [Problem(".".join(map(str, parts)), "no such entry to override",
                                              source="command line")]) from None
         overridden.add(tuple(parts))
+    return data, lines, overridden
+
+
+def load_recipe(file: str | os.PathLike, overrides: typing.Sequence[str] = (), check_paths: bool = True,
+                command: str = "sft") -> Recipe:
+    """Read, override, validate and resolve a recipe for a training `command` (sft, dpo, classify: it decides
+    the class behind `training:` and the command's own sections); raise RecipeError listing every problem."""
+    file = Path(file)
+    data, lines, overridden = read_with_overrides(file, overrides)
     from lorakit.recipe.validation import Validator
 
     duplicates = duplicate_problems(lines)

@@ -21,6 +21,7 @@ from lorakit.recipe.load import (
     apply_override,
     duplicate_problems,
     parse_override,
+    read_with_overrides,
     read_yaml,
 )
 from lorakit.recipe.sections import Recipe
@@ -114,16 +115,7 @@ def load_sweep_recipe(file: str | os.PathLike, overrides: typing.Sequence[str] =
     """Read the recipe, apply the overrides (sweep.* ones too), check the section and every recipe the space can
     produce; raise RecipeError listing every problem."""
     file = Path(file)
-    data, lines = read_yaml(file)
-    overridden: set[tuple] = set()
-    for text in overrides:
-        parts, value = parse_override(text)
-        try:
-            apply_override(data, parts, value)
-        except (KeyError, AttributeError, TypeError):
-            raise RecipeError(file, [Problem(".".join(map(str, parts)), "no such entry to override",
-                                             source="command line")]) from None
-        overridden.add(tuple(parts))
+    data, lines, overridden = read_with_overrides(file, overrides)
     if output_dir:
         apply_override(data, ["training", "output_dir"], str(Path(output_dir).absolute()))
     section = data.pop(SECTION, None)

@@ -37,8 +37,9 @@ def keep_freed_memory(device: str) -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
-        libc.gnu_get_libc_version  # only glibc has it: musl's mallopt is a no-op
     except (OSError, AttributeError):
+        return False
+    if not hasattr(libc, "gnu_get_libc_version"):  # not glibc: musl's mallopt, for one, does nothing
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return all(mallopt(parameter, value) == 1 for parameter, value in SETTINGS)

@@ -198,6 +198,17 @@ def test_a_merge_into_a_folder_another_merge_writes_is_refused(tiny_llama, tmp_p
     assert not out.exists()
 
 
+
+def test_an_export_into_a_folder_another_process_writes_is_refused(tiny_llama, tmp_path, holder):
+    run = write_adapter_run(tmp_path / "run", tiny_llama)
+    out = tmp_path / "served"
+    process = holder(out)
+    result = CliRunner().invoke(main, ["export", str(run), "--to", "vllm", "--output", str(out)])
+    assert result.exit_code == 2, result.output
+    assert f"{out} is in use by lorakit sft (pid {process.pid}" in result.output
+    assert not out.exists() and not list(tmp_path.glob(".served.partial-*"))
+
+
 # ---------------------------------------------------------------- the disk
 
 
