@@ -106,7 +106,7 @@ def build_sft_config(recipe: Recipe, placement, tokenizer) -> Any:
     # Packed without variable-length kernels, trl flattens a micro-batch into one row whose block-diagonal attention
     # is computed whole: quadratic in the micro-batch's total length. One packed row per forward pass, accumulated
     # into the same optimizer step, gives the same gradients (the loss is normalized over the step's tokens) for a
-    # fraction of the attention: 1.3-2.4x the tokens/s of trl's whole-row packing, same loss, on the CPU benchmark
+    # fraction of the attention: 1.3-2.7x the tokens/s of trl's whole-row packing, same loss, on the CPU benchmark
     # (docs/benchmarks.md).
     rows = settings.get("per_device_train_batch_size", 8)
     if settings["packing"] and placement.attn_implementation not in PACKABLE_ATTENTION and rows > 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from pathlib import Path
 
 import yaml
@@ -138,7 +139,10 @@ def strings_in(value):
 
 
 def scannable_bytes(path: Path) -> bytes:
-    """A text file's bytes; for safetensors weights, the JSON header, the only place text can hide in them."""
+    """A text file's bytes; for safetensors weights, the JSON header, and for GGUF files, their metadata: the only
+    places text can hide in them (the weights, gigabytes, are never read)."""
+    if path.suffix == ".gguf":
+        return gguf_strings(path)
     if path.suffix != ".safetensors":
         return path.read_bytes()
     with path.open("rb") as handle:
@@ -146,3 +150,55 @@ def scannable_bytes(path: Path) -> bytes:
         if size > SAFETENSORS_HEADER_LIMIT:
             raise LorakitError(f"{path} is not a valid safetensors file (header of {size} bytes)")
         return handle.read(size)
+
+
+# GGUF metadata value types (gguf-py's GGUFValueType): fixed sizes in bytes; 8 is a string, 9 an array.
+GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+GGUF_STRING, GGUF_ARRAY = 8, 9
+
+
+def gguf_strings(path: Path) -> bytes:
+    """Every string of a GGUF file's header (metadata keys and values, tensor names), NUL-separated."""
+    with path.open("rb") as handle:
+        def read(size: int) -> bytes:
+            data = handle.read(size)
+            if len(data) != size:
+                raise LorakitError(f"{path} is not a valid GGUF file (it ends inside its header)")
+            return data
+
+        def number(fmt: str) -> int:
+            return struct.unpack("<" + fmt, read(struct.calcsize(fmt)))[0]
+
+        def string() -> bytes:
+            length = number("Q")
+            if length > SAFETENSORS_HEADER_LIMIT:
+                raise LorakitError(f"{path} is not a valid GGUF file (a header string of {length} bytes)")
+            return read(length)
+
+        def value(kind: int, found: list[bytes]) -> None:
+            if kind == GGUF_STRING:
+                found.append(string())
+            elif kind == GGUF_ARRAY:
+                item_kind, count = number("I"), number("Q")
+                if item_kind in GGUF_SIZES:
+                    handle.seek(GGUF_SIZES[item_kind] * count, 1)  # numbers: skipped, not read
+                else:
+                    for _ in range(count):
+                        value(item_kind, found)
+            elif kind in GGUF_SIZES:
+                handle.seek(GGUF_SIZES[kind], 1)
+            else:
+                raise LorakitError(f"{path} is not a valid GGUF file (metadata of unknown type {kind})")
+
+        if read(4) != b"GGUF":
+            raise LorakitError(f"{path} is not a GGUF file (it does not start with GGUF)")
+        number("I")  # version
+        tensors, entries = number("Q"), number("Q")
+        found: list[bytes] = []
+        for _ in range(entries):
+            found.append(string())
+            value(number("I"), found)
+        for _ in range(tensors):
+            found.append(string())
+            handle.seek(8 * number("I") + 4 + 8, 1)  # its dimensions, type and offset
+    return b"\0".join(found)

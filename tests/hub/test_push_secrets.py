@@ -127,3 +127,41 @@ def test_a_clean_folder_still_goes_up(run_folder, hub):
     result = push(run_folder)
     assert result.exit_code == 0, result.output
     assert "lorakit_eval.json" in hub.files("alice/facts-lora")
+
+
+def write_gguf(path: Path, note: str, weights) -> None:
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("general.description", note)
+    writer.add_array("tokenizer.ggml.tokens", ["<s>", "hello", f"x{STRAY_TOKEN}"[:8]])
+    writer.add_uint32("llama.block_count", 2)
+    writer.add_tensor("token_embd.weight", weights)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_token_in_gguf_metadata_is_found_without_reading_the_weights(tmp_path):
+    import numpy as np
+
+    from lorakit.errors import LorakitError
+    from lorakit.hub.secrets import readings, scannable_bytes
+
+    # 8 MB of weights whose bytes spell a token: weights are numbers, never scanned as text.
+    weights = np.frombuffer((STRAY_TOKEN.encode() * 250_000)[:8_000_000], dtype=np.float32).reshape(2_000, 1_000)
+    clean = tmp_path / "clean.gguf"
+    write_gguf(clean, "a clean model", weights)
+    header = scannable_bytes(clean)
+    assert b"a clean model" in header and b"hello" in header and b"token_embd.weight" in header
+    assert len(header) < 10_000 < clean.stat().st_size
+    assert not any(STRAY_TOKEN in text for text in readings(clean.name, header))
+
+    leaky = tmp_path / "leaky.gguf"
+    write_gguf(leaky, f"trained with {STRAY_TOKEN}", weights[:10])
+    assert any(STRAY_TOKEN in text for text in readings(leaky.name, scannable_bytes(leaky)))
+
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(leaky.read_bytes()[:40])
+    with pytest.raises(LorakitError, match="cut.gguf is not a valid GGUF file"):
+        scannable_bytes(cut)
