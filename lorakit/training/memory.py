@@ -24,6 +24,7 @@ the shipped recipes' headers both use it.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from dataclasses import dataclass
@@ -109,29 +110,51 @@ class MemoryEstimate:
 # ---------------------------------------------------------------- the model's shape
 
 
-def model_shape(config: Any, lora: dict) -> ModelShape:
-    """Count a model's parameters from its config, with `lora` (peft.LoraConfig keyword arguments) applied."""
+def model_shape(config: Any, lora: dict, classifier: dict | None = None) -> ModelShape:
+    """Count a model's parameters from its config, with `lora` (peft.LoraConfig keyword arguments) applied.
+
+    `classifier` ({"num_labels": N, "head_only": bool}) sizes the model `lorakit classify` trains instead: the
+    base with a new head of N outputs, trained in full beside the LoRA (or alone, head_only), as
+    lorakit.models.classifier builds it."""
     import warnings
 
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    head = model.get_output_embeddings()
+        if classifier is None:
+            model = AutoModelForCausalLM.from_config(config)
+        else:
+            config = copy.deepcopy(config)
+            config.num_labels = classifier["num_labels"]
+            model = AutoModelForSequenceClassification.from_config(config)
+    if classifier is None:
+        heads = [model.get_output_embeddings()]
+    else:
+        from lorakit.models.classifier import HEAD_MODULES
+
+        heads = [m for name, m in model.named_modules() if name.rpartition(".")[2] in HEAD_MODULES]
+    head_parts = {id(m) for head in heads for m in head.modules()}
     total = sum(p.numel() for p in model.parameters())
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    # The LM head, or a classifier's head, stays unquantized (bitsandbytes skips it; lorakit trains a new one).
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m) not in head_parts]
     layers = _decoder_layers(model)
     layer = layers[0]
     layer_params = sum(p.numel() for p in layer.parameters())
     layer_linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
 
-    settings = {"task_type": "CAUSAL_LM", **lora}
     with warnings.catch_warnings():
         # peft 0.21 itself reads transformers' renamed `is_gradient_checkpointing`; nothing in this call can avoid it.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = get_peft_model(model, LoraConfig(**settings), low_cpu_mem_usage=True)
+        if classifier is None:
+            settings = {"task_type": "CAUSAL_LM", **lora}
+            peft_model = get_peft_model(model, LoraConfig(**settings), low_cpu_mem_usage=True)
+        else:
+            from lorakit.models.classifier import build_trainable_model
+
+            names = [name for name, m in model.named_modules() if m in heads]
+            peft_model = build_trainable_model(model, lora, names, classifier["head_only"])
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     wrapped = [m for m in layer.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
 
@@ -156,7 +179,7 @@ def model_shape(config: Any, lora: dict) -> ModelShape:
         heads=heads,
         attention_width=heads * head_dim,
         kv_width=kv_heads * head_dim,
-        vocab=text.vocab_size,
+        vocab=text.vocab_size if classifier is None else classifier["num_labels"],  # the head's outputs
         up_projections=ups,
         norms_per_layer=sum(1 for m in layer.modules() if "norm" in type(m).__name__.lower()),
         lora_input_features=sum(m.base_layer.in_features for m in wrapped if hasattr(m.base_layer, "in_features")),
@@ -331,7 +354,17 @@ def estimate_recipe_memory(recipe, config, device: str = "cuda", longest: int | 
     recipes' headers state."""
     launch = read_launch(recipe)
     setup, _ = training_setup(recipe, device, launch, longest)
-    return estimate_memory(model_shape(config, recipe.lora), setup), setup
+    return estimate_memory(model_shape(config, recipe.lora, classifier_shape(recipe)), setup), setup
+
+
+def classifier_shape(recipe) -> dict | None:
+    """For a classify recipe, the head model_shape sizes: its number of outputs (the recipe's labels; two when the
+    data will tell) and whether only the head trains."""
+    if recipe.command != "classify":
+        return None
+    task = recipe.sections["task"]
+    labels = 1 if task["type"] == "regression" else len(task.get("labels") or ()) or 2
+    return {"num_labels": labels, "head_only": bool(task.get("head_only"))}
 
 
 def estimate_steps(*, rows: int, tokens: int, micro_batch: int, gradient_accumulation: int, processes: int,

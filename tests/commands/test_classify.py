@@ -164,6 +164,35 @@ def test_only_lora_and_the_head_train_and_the_base_stays_bitwise_frozen(tiny_lla
     assert not torch.equal(head, before)
 
 
+
+@pytest.mark.parametrize("head_only", [False, True])
+def test_the_memory_estimate_sizes_the_classifier_that_trains(tiny_llama, tmp_path, head_only):
+    from transformers import AutoConfig
+
+    from lorakit.commands.classify import build_classify
+    from lorakit.models.loading import choose_placement
+    from lorakit.recipe.load import load_recipe
+    from lorakit.training.lifecycle import RunContext
+    from lorakit.training.memory import classifier_shape, estimate_memory, estimate_recipe_memory, model_shape
+    from lorakit.training.run_dir import Fingerprint
+
+    extra = f"  labels: {sorted(SHARES)}\n  head_only: {str(head_only).lower()}\n"
+    path = write_toy_recipe(tmp_path, tiny_llama, tmp_path / "run", steps=1, **({"lora": ""} if head_only else {}))
+    path.write_text(path.read_text().replace("  type: classification\n", "  type: classification\n" + extra))
+    recipe = load_recipe(path, command="classify")
+    built = build_classify(RunContext(recipe, choose_placement(recipe.model), Fingerprint("t"), [], None))
+    trainable = sum(p.numel() for p in built.trainer.model.parameters() if p.requires_grad)
+
+    config = AutoConfig.from_pretrained(tiny_llama)
+    shape = model_shape(config, recipe.lora, classifier_shape(recipe))
+    assert shape.trainable_params == trainable  # LoRA (unless head_only) and the head, as the run trains them
+    assert shape.vocab == len(SHARES)  # the head's outputs, not the vocabulary
+    estimate, setup = estimate_recipe_memory(recipe, config, "cpu")
+    assert estimate.trainable_state == trainable * 16
+    # The causal LM's vocabulary head is neither counted nor given a backward workspace.
+    as_causal_lm = estimate_memory(model_shape(config, recipe.lora), setup)
+    assert estimate.workspace < as_causal_lm.workspace
+
 @pytest.mark.slow
 def test_an_encoder_trains_with_lora_and_a_linear_probe_trains_the_head_alone(tmp_path):
     from safetensors.torch import load_file
