@@ -187,11 +187,15 @@ def load_eval_data(target, data: str | None, split: str | None, tokenizer) -> Ev
     from lorakit.recipe.sections import DataSection, own_fields
 
     recipe = target.recipe
+    notes = []
+    if recipe is None and not data:
+        recipe = merged_run_recipe(target)  # a merged folder: the eval data of the run it was merged from
+        if recipe is not None:
+            notes.append(f"eval data and settings of {recipe.output_dir}, the run this folder was merged from")
     data_section = recipe.data if recipe is not None else \
         {key: default for key, (_, default) in own_fields(DataSection).items() if key not in ("train", "eval")}
     seed = recipe.training.get("seed", 42) if recipe is not None else 42
     train_on = data_section["train_on"]
-    notes = []
 
     def prepare(how: str):
         """(dataset, report) of input_ids/labels; `how` is the data.train_on to label with."""
@@ -239,6 +243,26 @@ def load_eval_data(target, data: str | None, split: str | None, tokenizer) -> Ev
         notes.append("no row has a prompt and a reference reply (plain text data): loss only")
     return EvalData(description=description, loss_rows=loss_rows, prompts=prompts, references=references,
                     notes=notes)
+
+
+def merged_run_recipe(target):
+    """The recipe of the sft run a merged model folder came from (its lorakit_merge.json names the run), if that run
+    folder is still there; None otherwise."""
+    from lorakit.models.inference import MERGE_RECORD
+    from lorakit.models.start_point import recipe_command
+    from lorakit.recipe.load import load_recipe
+    from lorakit.training.run_dir import RECIPE_FILE
+
+    folder = target.folder
+    if target.kind != "model" or folder is None or not (folder / MERGE_RECORD).is_file():
+        return None
+    try:
+        run = Path(json.loads((folder / MERGE_RECORD).read_text(encoding="utf-8"))["run_dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not (run / RECIPE_FILE).is_file() or recipe_command(run / RECIPE_FILE) != "sft":
+        return None
+    return load_recipe(run / RECIPE_FILE, check_paths=False, command="sft")
 
 
 def check_training_data_unchanged(target, data_section: dict) -> list[str]:

@@ -266,6 +266,24 @@ def test_a_run_without_eval_data_asks_for_data(adapter_run):
     assert not (adapter_run / "lorakit_eval.json").exists()
 
 
+
+def test_a_merged_folder_is_scored_on_the_eval_data_of_its_run(tiny_llama, tmp_path):
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", facts_rows("messages", repeat=1))
+    run = write_adapter_run(tmp_path / "run", tiny_llama)
+    recipe = run / "lorakit_recipe.yaml"
+    recipe.write_text(recipe.read_text().replace("training:", f"  eval:\n    - path: {heldout}\ntraining:"))
+    merged = tmp_path / "merged"
+    assert CliRunner().invoke(main, ["merge", str(run), "--output", str(merged)]).exit_code == 0
+
+    result = evaluate(merged, "--output", tmp_path / "merged.json")
+    assert result.exit_code == 0, result.output
+    assert f"eval data and settings of {run}" in result.output and str(heldout) in result.output
+    assert evaluate(run, "--output", tmp_path / "run.json").exit_code == 0
+    scores = [json.loads((tmp_path / f"{name}.json").read_text())["metrics"]["model"] for name in ("merged", "run")]
+    assert scores[0]["loss"] == pytest.approx(scores[1]["loss"], abs=1e-4)
+    assert scores[0]["exact_match"] == scores[1]["exact_match"]
+
+
 @pytest.mark.parametrize("make, told", [
     (lambda tmp: tmp / "missing-run", "no such file or folder"),
     (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "holds neither an adapter"),
