@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 import yaml
 
-from lorakit.commands.recipes import recipes_dir, shipped_recipes
+from lorakit.commands.recipes import read_header, recipe_name, recipes_dir, shipped_recipes
 from lorakit.errors import LorakitError
 from lorakit.recipe.schema import closest
 
@@ -39,13 +39,15 @@ def command(name: str, dest: str | None) -> None:
     except FileExistsError:
         raise LorakitError(f"{target} already exists; nothing was written. Choose another DEST, or move the "
                            "file away first") from None
+    words = read_header(source).command.split()  # "lorakit dpo ...": the command that trains it
+    training = words[1] if len(words) > 1 else "sft"
     click.echo(f"lorakit: wrote {target} (from {source}). Edit it, then: lorakit validate {target} && "
-               f"lorakit sft {target}")
+               f"lorakit {training} {target}")
 
 
 def find_recipe(name: str) -> Path:
     stem = name.removesuffix(".yaml")
-    available = {path.stem: path for path in shipped_recipes()}
+    available = {recipe_name(path): path for path in shipped_recipes()}
     if stem in available:
         return available[stem]
     suggestion = closest(stem, available)

@@ -37,8 +37,19 @@ def recipes_dir() -> Path:
     return folder
 
 
+# Recipes for the other training commands live in a folder of their own, listed as FOLDER/NAME.
+COMMAND_FOLDERS = ("classify", "dpo")
+
+
 def shipped_recipes() -> list[Path]:
-    return sorted(recipes_dir().glob("*.yaml"))
+    folder = recipes_dir()
+    return sorted(folder.glob("*.yaml")) + [path for name in COMMAND_FOLDERS
+                                            for path in sorted((folder / name).glob("*.yaml"))]
+
+
+def recipe_name(path: Path) -> str:
+    """How `lorakit recipes` lists a recipe and `lorakit init` takes it: `quickstart`, `dpo/quickstart-dpo`."""
+    return path.relative_to(recipes_dir()).with_suffix("").as_posix()
 
 
 def read_header(path: Path) -> Header:
@@ -62,11 +73,11 @@ def command() -> None:
     paths = shipped_recipes()
     if not paths:
         raise LorakitError(f"{recipes_dir()} holds no recipes (*.yaml)")
-    width = max(len(p.stem) for p in paths)
+    width = max(len(recipe_name(p)) for p in paths)
     for path in paths:
         header = read_header(path)
         # The header's parentheses (examples of cards, how a figure was made) are for the file, not the list.
         details = "; ".join(part.split(" (")[0] for part in (header.about, header.hardware, header.peak_memory)
                             if part)
-        click.echo(f"{path.stem:<{width}}  {details or '(no description in its header)'}")
+        click.echo(f"{recipe_name(path):<{width}}  {details or '(no description in its header)'}")
     click.echo(f"\nlorakit init NAME [DEST] copies one to edit; lorakit validate checks it. Files: {recipes_dir()}")

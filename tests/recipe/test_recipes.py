@@ -152,3 +152,17 @@ def test_init_never_overwrites_and_suggests_names(tmp_path):
     result = run_cli("init", "mistral-7b-qlor", tmp_path / "new.yaml")
     assert result.exit_code == 2 and "did you mean mistral-7b-qlora?" in result.output
     assert not (tmp_path / "new.yaml").exists()
+
+
+def test_classify_and_dpo_recipes_are_listed_and_copied_by_folder_and_name(tmp_path):
+    result = run_cli("recipes")
+    assert result.exit_code == 0, result.output
+    for name in ("classify/quickstart", "dpo/quickstart-dpo", "dpo/llama-3.1-8b-qlora-dpo"):
+        assert sum(line.startswith(name + " ") for line in result.output.splitlines()) == 1, name
+    result = run_cli("init", "classify/quickstart", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert f"lorakit classify {tmp_path / 'quickstart.yaml'}" in result.output
+    copy = load_recipe(tmp_path / "quickstart.yaml", command="classify")
+    assert copy.to_dict() == load_recipe(recipes_dir() / "classify" / "quickstart.yaml", command="classify").to_dict()
+    result = run_cli("init", "dpo/quickstart-dp", tmp_path / "new.yaml")
+    assert result.exit_code == 2 and "did you mean dpo/quickstart-dpo?" in result.output
