@@ -325,7 +325,8 @@ def training_setup(recipe, device: str, launch: Launch, longest: int | None = No
     chosen_attention = choose_attention(attention, "cpu" if on_cpu else "cuda")
     packing = training["packing"] if training.get("packing") is not None else chosen_attention in PACKABLE_ATTENTION
     micro_batch = setting("per_device_train_batch_size")
-    if packing and chosen_attention not in PACKABLE_ATTENTION:
+    per_document = packing and on_cpu and chosen_attention == "sdpa"  # lorakit.models.packed_attention
+    if packing and chosen_attention not in PACKABLE_ATTENTION and not per_document:
         micro_batch = 1  # sft trains one packed row per forward pass without variable-length kernels (commands/sft.py)
     checkpointing = training.get("activation_checkpointing", training.get("gradient_checkpointing"))
     if checkpointing is None:
