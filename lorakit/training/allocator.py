@@ -6,9 +6,10 @@ more of it is free. A training step frees and re-allocates the same activations,
 step, so with those defaults every step page-faults its working set in again, zero-filled by the kernel: on the
 quickstart, 3.5-3.9 million page faults in 60 steps and 10 of its 64 CPU seconds in the kernel. With freed
 memory kept (mmap threshold fixed at 32 MiB, heap top kept up to 1 GiB, the heap grown 256 MiB at a time), the
-same 60 steps took 25-27 s of training instead of 31 s (1.15-1.24x), 0.3 million faults, 2 s in the kernel,
-the same losses, and a peak RSS 15-20% higher (docs/benchmarks.md). A process that sets its own `MALLOC_*`
-variables or `GLIBC_TUNABLES` keeps them; on a C library other than glibc nothing changes.
+same 60 steps took 23-27 s of training instead of 28-32 s (1.15-1.28x), 0.3 million faults, 2 s in the
+kernel, the same losses, and a peak RSS 15-20% higher (docs/benchmarks.md). A process that sets its own
+`MALLOC_*` variables, `GLIBC_TUNABLES` or another allocator (`LD_PRELOAD`) keeps them; on a C library other than
+glibc nothing changes.
 """
 
 from __future__ import annotations
