@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
+import subprocess
 import textwrap
 from pathlib import Path
 
@@ -162,3 +165,39 @@ def fast_training(output_dir: Path, steps: int = 12) -> str:
           save_strategy: "no"
           seed: 0
         """)
+
+
+# ---------------------------------------------------------------- stopping a run part-way
+
+
+def subprocess_env(tmp_path: Path) -> dict:
+    """The environment of a lorakit process a test starts: offline, unbuffered, its own data cache."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "LORAKIT_CACHE": str(tmp_path / "cache")}
+
+
+STEP_LINE = re.compile(r"\s+step\s+\d+/\d+\s+loss")  # the lifecycle's progress line of a logged step
+
+
+def interrupt_after(command: list[str], env: dict, logged_steps: int) -> str:
+    """Run `command`, send SIGTERM once it has logged `logged_steps` steps; check it exited 75 (interrupted,
+    resumable) and return its stderr."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    logged = 0
+    for line in process.stdout:
+        logged += bool(STEP_LINE.match(line))
+        if logged == logged_steps:
+            process.send_signal(signal.SIGTERM)
+            break
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 75, err[-2000:]
+    return err
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    """Two run folders hold the same adapter, tensor for tensor, bitwise."""
+    from safetensors.torch import load_file
+
+    first, second = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert first.keys() == second.keys()
+    for name in first:
+        assert first[name].equal(second[name]), name

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl
+from conftest import assert_same_adapter, interrupt_after, subprocess_env, write_jsonl
 from lorakit.training import run_dir
 
 STEPS = 12
@@ -79,11 +75,9 @@ main(["classify", {recipe!r}])
 @pytest.mark.slow
 def test_sigterm_then_rerun_gives_the_uninterrupted_losses_and_adapter(tiny_llama, tmp_path):
     from click.testing import CliRunner
-    from safetensors.torch import load_file
 
     from lorakit.cli import main
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "LORAKIT_CACHE": str(tmp_path / "cache")}
     (tmp_path / "whole").mkdir()
     whole = tmp_path / "whole" / "out"
     result = CliRunner().invoke(main, ["classify", str(write_run_recipe(tmp_path / "whole", tiny_llama, whole))])
@@ -91,16 +85,8 @@ def test_sigterm_then_rerun_gives_the_uninterrupted_losses_and_adapter(tiny_llam
 
     out = tmp_path / "out"
     recipe = write_run_recipe(tmp_path, tiny_llama, out)
-    process = subprocess.Popen([sys.executable, "-c", PACED.format(recipe=str(recipe))], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env)
-    logged = 0
-    for line in process.stdout:
-        logged += bool(re.match(r"\s+step\s+\d+/\d+\s+loss", line))  # the lifecycle's progress line of a step
-        if logged == 6:  # past the first evaluation and checkpoint (step 4), before the second
-            process.send_signal(signal.SIGTERM)
-            break
-    _, err = process.communicate(timeout=300)
-    assert process.returncode == 75, err[-2000:]
+    # Stopped after step 6: past the first evaluation and checkpoint (step 4), before the second.
+    interrupt_after([sys.executable, "-c", PACED.format(recipe=str(recipe))], subprocess_env(tmp_path), 6)
     stopped = run_dir.read_record(out)["interrupted"]["step"]
     assert 6 <= stopped < STEPS
 
@@ -108,6 +94,5 @@ def test_sigterm_then_rerun_gives_the_uninterrupted_losses_and_adapter(tiny_llam
     assert result.exit_code == 0, result.output
     assert f"resuming from checkpoint-{stopped}" in result.output
     assert history(out) == history(whole)  # every loss and eval figure, bitwise on CPU
-    first, second = load_file(out / "adapter_model.safetensors"), load_file(whole / "adapter_model.safetensors")
-    assert first.keys() == second.keys() and all(first[k].equal(second[k]) for k in first)
+    assert_same_adapter(out, whole)
     assert (out / "lorakit_task.json").read_text() == (whole / "lorakit_task.json").read_text()

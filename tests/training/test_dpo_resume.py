@@ -3,14 +3,11 @@ the losses, rewards and adapter of the run never stopped (the reference copy is 
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import FACTS, fast_training, write_adapter_run, write_jsonl
+from conftest import FACTS, assert_same_adapter, fast_training, interrupt_after, subprocess_env, write_adapter_run, write_jsonl
 
 from lorakit.training import run_dir
 
@@ -44,12 +41,6 @@ def history(out: Path, key: str) -> list[tuple[int, float]]:
     return [(entry["step"], entry[key]) for entry in run_dir.read_record(out)["log_history"] if key in entry]
 
 
-def adapter(out: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(out / "adapter_model.safetensors")
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(sft_run, tmp_path_factory) -> Path:
     from lorakit.commands.dpo import run_dpo
@@ -68,17 +59,8 @@ def test_sigterm_then_rerun_gives_the_uninterrupted_dpo_run(sft_run, uninterrupt
 
     out = tmp_path / "out"
     recipe = write_run_recipe(tmp_path, sft_run, out)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "LORAKIT_CACHE": str(tmp_path / "cache")}
-    process = subprocess.Popen([sys.executable, "-m", "lorakit", "dpo", str(recipe), "training.disable_tqdm=true"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    logged_steps = 0
-    for line in process.stdout:
-        logged_steps += line.lstrip().startswith("step ") and "  loss " in line
-        if logged_steps == 3:
-            process.send_signal(signal.SIGTERM)
-            break
-    _, err = process.communicate(timeout=300)
-    assert process.returncode == 75, err[-2000:]
+    interrupt_after([sys.executable, "-m", "lorakit", "dpo", str(recipe), "training.disable_tqdm=true"],
+                    subprocess_env(tmp_path), 3)
     stopped = run_dir.read_record(out)["interrupted"]["step"]
     assert 3 <= stopped < STEPS
 
@@ -88,5 +70,4 @@ def test_sigterm_then_rerun_gives_the_uninterrupted_dpo_run(sft_run, uninterrupt
     for key in ("loss", "rewards/margins", "rewards/accuracies"):
         assert history(out, key) == history(uninterrupted, key), key
     assert len(history(out, "loss")) == STEPS
-    first, second = adapter(out), adapter(uninterrupted)
-    assert first.keys() == second.keys() and all(first[k].equal(second[k]) for k in first)
+    assert_same_adapter(out, uninterrupted)

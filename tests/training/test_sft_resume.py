@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import facts_rows, fast_training, write_jsonl
+from conftest import assert_same_adapter, facts_rows, fast_training, interrupt_after, subprocess_env, write_jsonl
 
 from lorakit.training import run_dir
 from lorakit.errors import OutputDirError
@@ -48,23 +46,6 @@ def losses(out: Path) -> list[tuple[int, float]]:
     return [(entry["step"], entry["loss"]) for entry in record["log_history"] if "loss" in entry]
 
 
-def adapter(out: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(out / "adapter_model.safetensors")
-
-
-def assert_same_adapter(a: Path, b: Path) -> None:
-    first, second = adapter(a), adapter(b)
-    assert first.keys() == second.keys()
-    for name in first:
-        assert first[name].equal(second[name]), name
-
-
-def subprocess_env(tmp_path: Path) -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "LORAKIT_CACHE": str(tmp_path / "cache")}
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_llama, tmp_path_factory) -> Path:
     from lorakit.commands.sft import run_sft
@@ -83,16 +64,9 @@ def test_sigterm_then_rerun_gives_the_uninterrupted_losses_and_adapter(tiny_llam
 
     out = tmp_path / "out"
     recipe = write_run_recipe(tmp_path, tiny_llama, out)
-    process = subprocess.Popen([sys.executable, "-m", "lorakit", "sft", str(recipe), "training.disable_tqdm=true"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(tmp_path))
-    logged_steps = 0
-    for line in process.stdout:
-        logged_steps += line.lstrip().startswith("step ") and "  loss " in line  # lorakit's line per log
-        if logged_steps == 3:  # step 3 is done: stop part-way through the first epoch
-            process.send_signal(signal.SIGTERM)
-            break
-    remaining_out, err = process.communicate(timeout=300)
-    assert process.returncode == 75, err[-2000:]
+    # Stopped after step 3, part-way through the first epoch.
+    err = interrupt_after([sys.executable, "-m", "lorakit", "sft", str(recipe), "training.disable_tqdm=true"],
+                          subprocess_env(tmp_path), 3)
     record = run_dir.read_record(out)
     assert record["status"] == run_dir.INTERRUPTED
     stopped = record["interrupted"]["step"]
