@@ -248,19 +248,12 @@ def load_eval_data(target, data: str | None, split: str | None, tokenizer) -> Ev
 def merged_run_recipe(target):
     """The recipe of the sft run a merged model folder came from (its lorakit_merge.json names the run), if that run
     folder is still there; None otherwise."""
-    from lorakit.models.inference import MERGE_RECORD
     from lorakit.models.start_point import recipe_command
     from lorakit.recipe.load import load_recipe
     from lorakit.training.run_dir import RECIPE_FILE
 
-    folder = target.folder
-    if target.kind != "model" or folder is None or not (folder / MERGE_RECORD).is_file():
-        return None
-    try:
-        run = Path(json.loads((folder / MERGE_RECORD).read_text(encoding="utf-8"))["run_dir"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if not (run / RECIPE_FILE).is_file() or recipe_command(run / RECIPE_FILE) != "sft":
+    run = target.merged_from
+    if run is None or not (run / RECIPE_FILE).is_file() or recipe_command(run / RECIPE_FILE) != "sft":
         return None
     return load_recipe(run / RECIPE_FILE, check_paths=False, command="sft")
 

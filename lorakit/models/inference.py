@@ -35,6 +35,7 @@ class Target:
     recipe: Any = None  # lorakit.recipe.Recipe, when the target has one
     base_name: str | None = None  # what --compare-base compares with; None when unknown
     notes: list[str] = field(default_factory=list)
+    merged_from: Path | None = None  # a merged folder: the run folder its lorakit_merge.json names
 
     @property
     def folder(self) -> Path | None:
@@ -126,13 +127,14 @@ def _adapter_target(name: str, folder: Path, recipe) -> Target:
 
 
 def _model_folder_target(name: str, folder: Path) -> Target:
-    base_name = None
+    base_name, merged_from = None, None
     record_file = folder / MERGE_RECORD
     if record_file.is_file():
         record = json.loads(record_file.read_text(encoding="utf-8"))
         base_name = record.get("base_model", {}).get("name_or_path")
+        merged_from = Path(record["run_dir"]) if record.get("run_dir") else None
     return Target(name=name, kind="model", model_section={"name_or_path": str(folder.resolve())},
-                  tokenizer_path=str(folder), base_name=base_name)
+                  tokenizer_path=str(folder), base_name=base_name, merged_from=merged_from)
 
 
 def read_adapter_config(folder: Path) -> dict:
