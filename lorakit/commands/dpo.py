@@ -48,6 +48,7 @@ def build_dpo(context) -> Any:
         resolve_start,
         use_chosen_reference,
     )
+    from lorakit.models.trained_positions_head import score_trained_positions_only
     from lorakit.training.lifecycle import Built
 
     recipe, placement = context.recipe, context.placement
@@ -67,6 +68,9 @@ def build_dpo(context) -> Any:
                                          processing_class=tokenizer, peft_config=peft_config,
                                          callbacks=context.callbacks)
     use_chosen_reference(trainer, start)
+    # What DPOTrainer reads from its LM head besides log-probabilities (its metrics; WPO's weights); CPU only.
+    score_trained_positions_only(trainer, outputs=("entropy", "mean_logits", "is_top1",
+                                                   *(("log_sum_sq_probs",) if trainer.use_weighting else ())))
     summary = [*start.summary_rows(), ("chat template", template_source),
                ("loss", f"{'+'.join(args.loss_type)}, beta {args.beta:g}"), *pair_rows(data.reports, recipe)]
     return Built(trainer=trainer, tokenizer=tokenizer, has_eval=data.eval is not None, summary=summary,

@@ -43,6 +43,7 @@ def build_sft(context) -> Any:
     from lorakit.data import cache
     from lorakit.models.loading import load_model, load_tokenizer
     from lorakit.models.packed_attention import NAME as PER_DOCUMENT
+    from lorakit.models.trained_positions_head import score_trained_positions_only
     from lorakit.training.lifecycle import Built
     from lorakit.training.summary import data_rows
 
@@ -63,6 +64,7 @@ def build_sft(context) -> Any:
     trainer = SFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                          processing_class=tokenizer, peft_config=build_lora_config(recipe.lora),
                          callbacks=context.callbacks)
+    score_trained_positions_only(trainer, outputs=("entropy", "is_top1"))  # what SFTTrainer logs; CPU only
     return Built(trainer=trainer, tokenizer=tokenizer, has_eval=data.eval is not None,
                  save=lambda trainer, out: save_run(trainer, tokenizer, out),
                  summary=[("chat template", template_source), *data_rows(data.reports, recipe.data["max_length"]),

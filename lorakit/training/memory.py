@@ -33,7 +33,8 @@ from typing import Any
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# trl's chunked log-prob kernel (trl/kernels/chunked_logprob.py): tiles of this many tokens x vocabulary entries.
+# trl's chunked log-prob kernel on a GPU (trl/kernels/chunked_logprob.py): tiles of this many tokens x vocabulary
+# entries.
 HEAD_TILE_TOKENS = 4096
 HEAD_TILE_VOCAB = 32768
 # bitsandbytes 4-bit: two weights a byte, one absmax per 64 weights (float32, or 8-bit with a float32 per 256
@@ -259,14 +260,13 @@ def estimate_memory(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
     # working sets sets the peak. The head: the final norm's float32 input, the head's input and its float32
     # gradient, and one tile of logits.
     head = tokens * shape.hidden * (4 + e + 4)
-    tile_tokens = min(tokens, HEAD_TILE_TOKENS)
     if setup.device == "cuda":
-        head += tile_tokens * HEAD_TILE_VOCAB * e  # one buffer reused for every tile by the fused kernel
+        head += min(tokens, HEAD_TILE_TOKENS) * HEAD_TILE_VOCAB * e  # one buffer reused for every tile by trl's kernel
     else:
-        # Without Triton, trl's backward folds each tile with torch ops, holding about eight float32 tiles at once
-        # (the scaled logits, log-probabilities, probabilities, the gradient and its terms). Only the columns a
-        # vocabulary fills are ever written, so only those become resident.
-        head += tile_tokens * min(shape.vocab, HEAD_TILE_VOCAB) * (e + 8 * 4)
+        # On a CPU lorakit scores the trained positions only (lorakit.models.trained_positions_head): their float32
+        # log-probabilities kept for the backward pass, which adds the gradients of the pick and of the log-softmax.
+        # Counted as if every position were trained, as the longest rows are assumed.
+        head += tokens * shape.vocab * 3 * 4
     # A layer: the recomputed activations, and the gradients in flight through its MLP and residual stream.
     layer_backward = tokens * (recomputed + (2 * shape.intermediate + 2 * shape.hidden) * e)
     workspace = max(head, layer_backward)
