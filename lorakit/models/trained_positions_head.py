@@ -81,8 +81,12 @@ def score_positions(head: Any, hidden: Any, labels: Any, outputs: tuple[str, ...
 
     mask = labels != -100
     targets = labels[mask]
-    # float32 whatever the weights' dtype, as trl's head accumulates: a bfloat16 log-softmax loses the loss's digits.
-    logits = F.linear(hidden[mask], head.weight, head.bias).float()
+    # The projection in trl's compute dtype (autocast's, else the hidden states'; the head may differ, e.g. a QLoRA
+    # base's), the log-softmax in float32, as trl's head accumulates: a bfloat16 log-softmax loses the loss's digits.
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    bias = None if head.bias is None else head.bias.to(dtype)
+    logits = F.linear(hidden[mask].to(dtype), head.weight.to(dtype), bias).float()
     with torch.no_grad():
         mean_logits = logits.mean(-1) if "mean_logits" in outputs else None
     log_probs_all = logits.log_softmax(-1)

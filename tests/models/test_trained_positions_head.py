@@ -93,6 +93,17 @@ def test_bfloat16_weights_score_in_float32():
     assert not torch.allclose(in_bfloat16, picked, atol=1e-6)
 
 
+def test_a_head_in_another_dtype_than_the_hidden_states_projects_in_theirs():
+    """A QLoRA base keeps its head in the load dtype while the hidden states leave the float32 norm: trl's head
+    projects in the hidden states' dtype, and so does this one."""
+    head = torch.nn.Linear(16, 40, bias=False).to(torch.bfloat16)
+    hidden = torch.randn(1, 5, 16)
+    labels = torch.tensor([[2, -100, 7, 39, 0]])
+    out = score_positions(head, hidden, labels, ("entropy", "is_top1"), None)
+    reference = torch.log_softmax(hidden @ head.weight.float().t(), -1)[0, [0, 2, 3, 4], [2, 7, 39, 0]]
+    assert torch.allclose(out.log_probs[0, [0, 2, 3, 4]], reference, atol=1e-6)
+
+
 def test_models_that_transform_their_logits_keep_trls_head(tiny_llama):
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
