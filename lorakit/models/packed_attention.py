@@ -31,9 +31,13 @@ def packed_sdpa(module: Any, query: Any, key: Any, value: Any, attention_mask: A
             or getattr(module, "sliding_window", None) or not getattr(module, "is_causal", True)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     edges = bounds.tolist()
-    pieces = [sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-                                     None, **kwargs)[0]
-              for start, end in zip(edges[:-1], edges[1:]) if end > start]
+    if edges[0] != 0 or edges[-1] != query.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    lengths = [end - start for start, end in zip(edges[:-1], edges[1:])]
+    # One split per tensor, not a slice per document: a slice's backward writes its gradient into a zeroed tensor
+    # of the whole row, and those are summed, once per document; a split's backward is one concatenation.
+    documents = zip(*(tensor.split(lengths, dim=2) for tensor in (query, key, value)), lengths)
+    pieces = [sdpa_attention_forward(module, q, k, v, None, **kwargs)[0] for q, k, v, length in documents if length]
     return torch.cat(pieces, dim=1), None  # [batch, tokens, heads, head_dim], as sdpa_attention_forward returns
 
 
