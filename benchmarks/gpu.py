@@ -45,7 +45,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_sft
-import peer_job
 
 SHAPES = {
     # Llama-3.1-8B (meta-llama/Llama-3.1-8B config.json), less rope scaling, which does not change the cost.
@@ -244,6 +243,7 @@ def worker(args) -> dict:
         result["measured_peak"] = result["peak_reserved"] + result["outside_allocator"]
     else:
         result.update(device="cpu", peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        result["measured_peak"] = result["peak_rss"]  # the CPU estimate covers the whole process
     if recipe is not None:
         result["estimate"] = memory_estimate(recipe, work / "model")
     return result
@@ -308,7 +308,7 @@ def table(results: dict) -> str:
         if "peak_allocated" in r:
             cells += [f"{r['peak_allocated'] / gib:.2f}", f"{r['peak_reserved'] / gib:.2f}"]
         else:
-            cells += [f"RSS {r['peak_rss'] / gib:.2f}", f"RSS - libraries {r.get('measured_peak', 0) / gib:.2f}"]
+            cells += [f"RSS {r['peak_rss'] / gib:.2f}", ""]
         peak, estimate = r.get("measured_peak"), r.get("estimate")
         cells.append(f"{estimate / gib:.2f} ({peak / estimate:.2f})" if estimate and peak else "")
         cells.append(f"{r['final_loss']:.3f}" if r.get("final_loss") is not None else "")
@@ -342,8 +342,6 @@ def main() -> None:
         build_base(work / "model", args.shape, "cuda" if cuda() else "cpu")
     bench_sft.build_data(work / "data.jsonl", args.rows, args.seq)
     setup_s = time.perf_counter() - started
-    # On a CPU the peak is the process's RSS, of which the libraries alone take a share no estimate covers.
-    libraries = None if cuda() else peer_job.libraries_rss(sys.executable)
     results = {}
     for variant in args.variants.split(","):
         left = args.budget - (time.perf_counter() - started)
@@ -351,8 +349,6 @@ def main() -> None:
             results[variant] = {"error": "skipped: the time budget was spent"}
             continue
         results[variant] = run_variant(args, variant, work, left)
-        if libraries and "peak_rss" in results[variant]:
-            results[variant]["measured_peak"] = results[variant]["peak_rss"] - libraries
         print(f"{variant}: {results[variant].get('tokens_per_s', results[variant].get('error'))}", flush=True)
     report = {"shape": args.shape, "settings": {k: str(v) for k, v in vars(args).items() if k not in ("worker",)},
               "setup_s": setup_s, "total_s": time.perf_counter() - started, "results": results,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from string import Template
 
@@ -143,23 +142,3 @@ def longest_row(model_dir: Path, train_file: Path) -> int:
     rows = [json.loads(line) for line in train_file.read_text().splitlines() if line.strip()]
     return min(MAX_LENGTH, max(len(tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)
                                    ["input_ids"]) for row in rows))
-
-
-LIBRARIES_RSS = r"""
-import torch, transformers, trl, peft, datasets
-from lorakit.commands import sft
-with open("/proc/self/status") as handle:
-    print(next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS")))
-"""
-
-
-def libraries_rss(python: str) -> int | None:
-    """Resident size of a process that has only imported what `lorakit sft` imports: the part of a run's peak that
-    no estimate of the training itself covers."""
-    import subprocess
-
-    if not Path("/proc/self/status").exists():
-        return None
-    done = subprocess.run([python, "-c", LIBRARIES_RSS], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300, check=False)
-    return int(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None

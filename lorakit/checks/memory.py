@@ -14,7 +14,9 @@ GPU_SIZES_GIB = (16, 24, 40, 48, 80, 141)  # common cards, to say what an estima
 
 
 def check_memory(recipe: Recipe, config, data, device: str | None, gpu_memory: int | None,
-                 findings: Findings) -> None:
+                 findings: Findings, longest: int | None = None) -> None:
+    """The estimated peak for the device the run will use, part by part, and whether it fits the GPU. `longest`:
+    tokens in the longest row, where `data`'s reports do not count lengths."""
     from lorakit.training.memory import GIB, estimate_recipe_memory, format_size
 
     device = device or recipe.model.get("device", "auto")
@@ -24,17 +26,18 @@ def check_memory(recipe: Recipe, config, data, device: str | None, gpu_memory: i
     if device == "auto" and gpu_memory is None:
         from lorakit.models.loading import choose_device
 
-        device = choose_device("auto")  # what `lorakit sft` would run on here
+        device = choose_device("auto")  # what the training command would run on here
         if device == "cpu":
-            note = ("this machine has no GPU, so the estimate is for a run on its CPU, as `lorakit sft` would run "
-                    "here; --device cuda or --gpu-memory SIZE estimates for a GPU")
+            note = (f"this machine has no GPU, so the estimate is for a run on its CPU, as `lorakit {recipe.command}` "
+                    "would run here; --device cuda or --gpu-memory SIZE estimates for a GPU")
     click.secho("memory (estimate)", bold=True)
     if note:
         click.echo(f"  {note}")
     if config is None:
         click.echo("  not estimated: the model's config did not load")
         return
-    longest = max((r.length_stats().get("max", 0) for r in data.reports.values()), default=None) if data else None
+    if longest is None and data is not None:
+        longest = max((r.length_stats().get("max", 0) for r in data.reports.values()), default=None)
     try:
         estimate, setup = estimate_recipe_memory(recipe, config, "cpu" if device == "cpu" else "cuda", longest)
     except ValueError as error:  # peft refusing the recipe's LoRA for this model (a target it does not have, ...)
@@ -49,8 +52,10 @@ def check_memory(recipe: Recipe, config, data, device: str | None, gpu_memory: i
     sharded = {"all": " sharding weights and LoRA state (FSDP, ZeRO-3)",
                "states": " sharding LoRA state (ZeRO-2)"}.get(setup.sharding, "")
     sharded = f", {setup.processes} processes{sharded}" if setup.processes > 1 else ""
-    click.echo(f"  peak on {where}: {quant}, {setup.dtype}, micro-batch {setup.micro_batch} x {setup.seq_len} tokens, "
-               f"activation checkpointing {'on' if setup.gradient_checkpointing else 'off'}{sharded}")
+    # A DPO step puts the chosen and the rejected sequence of each pair through the model together.
+    pairs = f" ({setup.micro_batch // 2} pairs, chosen and rejected)" if recipe.command == "dpo" else ""
+    click.echo(f"  peak on {where}: {quant}, {setup.dtype}, micro-batch {setup.micro_batch}{pairs} x {setup.seq_len} "
+               f"tokens, activation checkpointing {'on' if setup.gradient_checkpointing else 'off'}{sharded}")
     for label, size in estimate.parts():
         if size:
             click.echo(f"    {label:<32} {format_size(size):>10}")

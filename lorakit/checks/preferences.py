@@ -13,6 +13,7 @@ import click
 
 from lorakit.checks.findings import Findings
 from lorakit.checks.inputs import load_model_config, load_training_tokenizer, quiet_progress_bars
+from lorakit.checks.memory import check_memory
 from lorakit.errors import LorakitError
 from lorakit.recipe.sections import Recipe
 
@@ -41,7 +42,7 @@ def check_dpo_run(recipe: Recipe, findings: Findings, *, samples: int, gpu_memor
         check_scored_ends(tokenizer, pairs.train, recipe, findings)
     if tokenizer is not None:
         check_saved_template(tokenizer, as_loaded, findings)
-    check_pair_memory(as_loaded, config, pairs, device, gpu_memory, findings)
+    check_memory(as_loaded, config, pairs, device, gpu_memory, findings)  # a DPO step: lorakit.training.memory
     report_pair_steps(recipe, pairs)
 
 
@@ -127,41 +128,6 @@ def check_scored_ends(tokenizer, dataset, recipe: Recipe, findings: Findings) ->
     elif checked:
         findings.ok(f"{end!r} is scored at the end of every response ({checked} responses of the first "
                     f"{min(CHECKED_PAIRS, len(dataset))} pairs); no prompt token is scored")
-
-
-def check_pair_memory(recipe: Recipe, config, pairs, device: str | None, gpu_memory: int | None,
-                      findings: Findings) -> None:
-    """The peak of a DPO step: its chosen and rejected sequences go through the model together (twice the rows
-    of an sft step); the reference pass keeps no activations."""
-    from lorakit.training.memory import format_size
-
-    click.secho("memory (estimate)", bold=True)
-    device = "cpu" if recipe.training.get("use_cpu") else (device or recipe.model.get("device", "auto"))
-    if config is None:
-        click.echo("  not estimated: the model's config did not load")
-        return
-    longest = max((r.length_stats().get("max", 0) for r in pairs.reports.values()), default=None) if pairs else None
-    estimate = pair_memory_estimate(recipe, config, "cpu" if device == "cpu" else "cuda", longest)
-    total = estimate.total
-    click.echo(f"  peak: {format_size(total)} (a micro-batch of {2 * step_rows(recipe)} sequences: "
-               f"{step_rows(recipe)} pairs, chosen and rejected together)")
-    if gpu_memory is not None and device != "cpu":
-        if total > gpu_memory:
-            findings.problem(f"memory: the estimated peak, {format_size(total)}, does not fit in "
-                             f"{format_size(gpu_memory)}. Lower training.per_device_train_batch_size (raise "
-                             "gradient_accumulation_steps to keep the batch), data.max_length, or use QLoRA")
-        else:
-            findings.ok(f"memory: the estimated peak, {format_size(total)}, fits in {format_size(gpu_memory)}")
-
-
-def pair_memory_estimate(recipe: Recipe, config, device: str = "cuda", longest: int | None = None):
-    """lorakit.training.memory's estimate for a DPO step: sft's, with two sequences per pair and no packing."""
-    from lorakit.training.memory import estimate_memory, model_shape, read_launch, training_setup
-
-    unpacked = dataclasses.replace(recipe, training={**recipe.training, "packing": False})
-    setup, _ = training_setup(unpacked, device, read_launch(recipe), longest)
-    setup = dataclasses.replace(setup, micro_batch=2 * setup.micro_batch)
-    return estimate_memory(model_shape(config, recipe.lora), setup)
 
 
 def step_rows(recipe: Recipe) -> int:

@@ -175,7 +175,8 @@ def build_training_arguments(recipe: Recipe, placement, has_eval: bool) -> Any:
 # ---------------------------------------------------------------- lorakit validate on a classify recipe
 
 
-def check_classify_recipe(recipe: Recipe, findings, samples: int = 2) -> None:
+def check_classify_recipe(recipe: Recipe, findings, samples: int = 2, device: str | None = None,
+                          gpu_memory: int | None = None) -> None:
     """What `lorakit classify` does before its first step, without loading weights: the tokenizer, the model's
     config and its head, the labelled rows (counts per label, what is left out), and a few rows as the head sees
     them."""
@@ -215,6 +216,16 @@ def check_classify_recipe(recipe: Recipe, findings, samples: int = 2) -> None:
                 + (" ..." if data.labels.num_labels > 20 else ""))
     for key, text in task_rows(data, task, recipe):
         (findings.warning if "no rows of" in text else findings.ok)(f"{key}: {text}" if key else f"  {text}")
+    show_classify_examples(tokenizer, data, samples)
+    if config is not None:
+        from lorakit.checks.memory import check_memory
+
+        longest = max((len(ids) for split in (data.train, data.eval) if split is not None for ids in
+                       split["input_ids"]), default=None)
+        check_memory(recipe, config, None, device, gpu_memory, findings, longest=longest)
+
+
+def show_classify_examples(tokenizer, data, samples: int) -> None:
     for index in range(min(samples, len(data.train))):
         row = data.train[index]
         label = row["labels"]

@@ -99,10 +99,10 @@ def validate(recipe_path: str, overrides: tuple[str, ...] = (), *, samples: int 
         findings.ok(sweep_note)  # each trial has its own folder in the sweep's: no output folder to check here
     else:
         check_output_dir(recipe.output_dir, findings)
-    if command == "classify":  # the tokenizer, the head for this model, the labelled rows and their counts
+    if command == "classify":  # the tokenizer, the head for this model, the labelled rows, the memory
         from lorakit.commands.classify import check_classify_recipe
 
-        check_classify_recipe(recipe, findings, samples=samples)
+        check_classify_recipe(recipe, findings, samples=samples, device=device, gpu_memory=gpu_memory)
         return findings
     if command == "dpo":  # the start point, pairs and their scored tokens, a preference step's memory
         from lorakit.checks.preferences import check_dpo_run

@@ -1,8 +1,8 @@
-"""Estimates of a run's peak accelerator memory and of its number of optimizer steps, before any weight is loaded.
+"""Estimates of a run's peak memory (a GPU's, or on a CPU the whole process's) and of its number of optimizer steps,
+before any weight is loaded.
 
-The model's shape comes from its config alone: the model is built on PyTorch's meta device (no memory, no
-download of weights) and wrapped by peft with the recipe's own LoraConfig, so the parameter counts are exact and
-LoRA's targets follow peft's own matching rules (all-linear, exclude_modules, modules_to_save, ...).
+The model's shape comes from its config alone (lorakit.training.model_shape: exact parameter counts, LoRA's
+targets as peft matches them).
 
 Peak memory is the sum of what lorakit's training holds at its worst moment, early in the backward pass of the
 first optimizer step:
@@ -13,8 +13,13 @@ first optimizer step:
                     (`layer_bytes_per_token`): for every layer, or with gradient checkpointing each layer's input;
   backward workspace the larger of the LM head's working set (trl scores the head in tiles, never building the
                     full logits) and one layer's (recomputed activations and the gradients in flight);
-  overhead          on CUDA, the context and cuBLAS workspaces (not tensors, but on the card) and the caching
-                    allocator's slack.
+  runtime           on CUDA, the context and cuBLAS workspaces (not tensors, but on the card); on a CPU, the
+                    process itself: Python with PyTorch, transformers, trl and datasets loaded, the tokenizer and
+                    the tokenized data, so that the CPU figure is the whole process's peak resident memory;
+  allocator         on CUDA, the caching allocator's slack; on a CPU, the freed blocks glibc keeps in its heap for
+                    reuse (lorakit.training.allocator), about as much again as the step's transient tensors that
+                    glibc serves from its heap (blocks under its mmap threshold; larger ones are unmapped when
+                    freed).
 Everything not listed (inputs, the run's bookkeeping) is well below the estimate's error.
 
 `estimate_recipe_memory` reads a recipe the way `lorakit sft` will run it (trl's defaults where the recipe is
@@ -24,12 +29,14 @@ the shipped recipes' headers both use it.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lorakit.training.model_shape import ModelShape, model_shape
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -45,32 +52,21 @@ FOUR_BIT_DOUBLE_QUANT_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 TRAINABLE_BYTES = 16
 CUDA_CONTEXT_BYTES = int(0.75 * GIB)
 ALLOCATOR_SLACK = 0.10
+# A CPU run's process before its first step, less the weights: Python, torch, transformers, trl, peft, datasets and
+# accelerate imported, the tokenizer and the tokenized rows (497-580 MiB at the start of training for the
+# benchmark's tiny model and SmolLM2-135M, torch 2.13, transformers 5.24; docs/benchmarks.md).
+CPU_RUNTIME_BYTES = int(0.5 * GIB)
+# glibc serves blocks under this size from its heap and keeps them once freed (lorakit.training.allocator sets it;
+# glibc's dynamic threshold reaches it after the first large free); larger blocks are mapped and unmapped each time.
+GLIBC_HEAP_BLOCKS_BELOW = 32 * 1024**2
+# With the step's tensors served from that heap, its resident size outgrows what is live at the peak: the freed
+# blocks come back in other sizes within the backward pass and from step to step. Measured at the peak (the first,
+# longest step) against the activations the same run keeps without LoRA dropout: 1.5-1.65x on the benchmark's
+# tiny model, 0.86-0.91x on SmolLM2-135M, with or without dropout (2,027 and 2,071 MiB, packed 4 x 512); counted
+# as 1x (docs/benchmarks.md).
+CPU_HEAP_RETAINED = 1.0
 # Attention implementations with which sft packs sequences by default (lorakit.commands.sft.build_sft_config).
 SIZE_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(gib|gb|mib|mb|g|m)\s*$", re.IGNORECASE)
-
-
-@dataclass
-class ModelShape:
-    """Sizes of a model with its LoRA adapter, counted on the meta device."""
-
-    total_params: int  # the base model's parameters (tied weights once)
-    quantizable_params: int  # in the linear layers bitsandbytes quantizes (all but the output head)
-    quantizable_rows: int  # their output features: 8-bit keeps one float32 scale per row
-    largest_linear: int  # elements of the biggest of those: a quantized weight is dequantized one at a time
-    trainable_params: int  # LoRA weights (and modules_to_save copies)
-    layers: int
-    layer_params: int  # one decoder layer's parameters
-    layer_quantizable_params: int
-    hidden: int
-    intermediate: int
-    heads: int
-    attention_width: int  # heads x head_dim
-    kv_width: int  # key/value heads x head_dim
-    vocab: int
-    up_projections: int  # linear layers into the MLP's intermediate size: 2 for gated MLPs (Llama), 1 otherwise
-    norms_per_layer: int
-    lora_input_features: int  # summed over one layer's LoRA-wrapped linear layers
-    lora_ranks: int  # summed r over one layer's LoRA-wrapped linear layers
 
 
 @dataclass
@@ -96,106 +92,29 @@ class MemoryEstimate:
     trainable_state: int
     activations: int  # kept for the backward pass
     workspace: int  # the backward pass's working set: the LM head's, or one layer's
-    overhead: int
+    runtime: int  # the CUDA context; on a CPU, the process with its libraries and data
+    allocator: int  # memory the allocator holds beyond the live tensors
+    device: str = "cuda"
+
+    @property
+    def tensors(self) -> int:
+        """What training's tensors hold at the peak."""
+        return self.weights + self.trainable_state + self.activations + self.workspace
+
+    @property
+    def overhead(self) -> int:
+        return self.runtime + self.allocator
 
     @property
     def total(self) -> int:
-        return self.weights + self.trainable_state + self.activations + self.workspace + self.overhead
+        return self.tensors + self.overhead
 
     def parts(self) -> list[tuple[str, int]]:
+        on_cpu = self.device == "cpu"
         return [("weights", self.weights), ("LoRA weights, gradients, AdamW", self.trainable_state),
                 ("activations", self.activations), ("backward workspace", self.workspace),
-                ("CUDA context, allocator", self.overhead)]
-
-
-# ---------------------------------------------------------------- the model's shape
-
-
-def model_shape(config: Any, lora: dict, classifier: dict | None = None) -> ModelShape:
-    """Count a model's parameters from its config, with `lora` (peft.LoraConfig keyword arguments) applied.
-
-    `classifier` ({"num_labels": N, "head_only": bool}) sizes the model `lorakit classify` trains instead: the
-    base with a new head of N outputs, trained in full beside the LoRA (or alone, head_only), as
-    lorakit.models.classifier builds it."""
-    import warnings
-
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    with torch.device("meta"):
-        if classifier is None:
-            model = AutoModelForCausalLM.from_config(config)
-        else:
-            config = copy.deepcopy(config)
-            config.num_labels = classifier["num_labels"]
-            model = AutoModelForSequenceClassification.from_config(config)
-    if classifier is None:
-        heads = [model.get_output_embeddings()]
-    else:
-        from lorakit.models.classifier import HEAD_MODULES
-
-        heads = [m for name, m in model.named_modules() if name.rpartition(".")[2] in HEAD_MODULES]
-    head_parts = {id(m) for head in heads for m in head.modules()}
-    total = sum(p.numel() for p in model.parameters())
-    # The LM head, or a classifier's head, stays unquantized (bitsandbytes skips it; lorakit trains a new one).
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m) not in head_parts]
-    layers = _decoder_layers(model)
-    layer = layers[0]
-    layer_params = sum(p.numel() for p in layer.parameters())
-    layer_linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
-
-    with warnings.catch_warnings():
-        # peft 0.21 itself reads transformers' renamed `is_gradient_checkpointing`; nothing in this call can avoid it.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        if classifier is None:
-            settings = {"task_type": "CAUSAL_LM", **lora}
-            peft_model = get_peft_model(model, LoraConfig(**settings), low_cpu_mem_usage=True)
-        else:
-            from lorakit.models.classifier import build_trainable_model
-
-            names = [name for name, m in model.named_modules() if m in heads]
-            peft_model = build_trainable_model(model, lora, names, classifier["head_only"])
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    wrapped = [m for m in layer.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
-
-    text = config.get_text_config()
-    hidden = text.hidden_size
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or hidden // heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
-    ups = sum(1 for m in layer_linears if m.out_features == intermediate) or 1
-    return ModelShape(
-        total_params=total,
-        quantizable_params=sum(m.weight.numel() for m in linears),
-        quantizable_rows=sum(m.out_features for m in linears),
-        largest_linear=max((m.weight.numel() for m in linears), default=0),
-        trainable_params=trainable,
-        layers=len(layers),
-        layer_params=layer_params,
-        layer_quantizable_params=sum(m.weight.numel() for m in layer_linears),
-        hidden=hidden,
-        intermediate=intermediate,
-        heads=heads,
-        attention_width=heads * head_dim,
-        kv_width=kv_heads * head_dim,
-        vocab=text.vocab_size if classifier is None else classifier["num_labels"],  # the head's outputs
-        up_projections=ups,
-        norms_per_layer=sum(1 for m in layer.modules() if "norm" in type(m).__name__.lower()),
-        lora_input_features=sum(m.base_layer.in_features for m in wrapped if hasattr(m.base_layer, "in_features")),
-        lora_ranks=sum(sum(m.r.values()) for m in wrapped),
-    )
-
-
-def _decoder_layers(model: Any) -> Any:
-    """The model's stack of decoder layers: its longest list of modules."""
-    import torch
-
-    stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
-    if not stacks:
-        raise ValueError(f"{type(model).__name__} has no list of decoder layers to size")
-    return max(stacks, key=len)
+                ("Python, libraries, data" if on_cpu else "CUDA context", self.runtime),
+                ("freed blocks malloc keeps" if on_cpu else "caching allocator slack", self.allocator)]
 
 
 # ---------------------------------------------------------------- the estimate
@@ -270,14 +189,29 @@ def estimate_memory(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
     # A layer: the recomputed activations, and the gradients in flight through its MLP and residual stream.
     layer_backward = tokens * (recomputed + (2 * shape.intermediate + 2 * shape.hidden) * e)
     workspace = max(head, layer_backward)
+    # The blocks most of a layer's tensors are made of (tokens x hidden, float32 or the compute dtype), and the CPU
+    # head's (tokens x vocabulary, float32).
+    layer_block = tokens * shape.hidden * 4
+    head_block = tokens * shape.vocab * 4 if head >= layer_backward else layer_block
     if setup.quantization:
         workspace += 2 * shape.largest_linear * e  # a weight dequantized for the forward, another for the backward
 
     trainable = shape.trainable_params * TRAINABLE_BYTES / state_shards
     tensors = weights + trainable + activations + workspace
-    overhead = CUDA_CONTEXT_BYTES + ALLOCATOR_SLACK * tensors if setup.device == "cuda" else 0
+    if setup.device == "cuda":
+        runtime, allocator = CUDA_CONTEXT_BYTES, ALLOCATOR_SLACK * tensors
+    else:
+        runtime = CPU_RUNTIME_BYTES
+        allocator = 0
+        if layer_block < GLIBC_HEAP_BLOCKS_BELOW:
+            plain = TrainingSetup(**{**setup.__dict__, "lora_dropout": 0.0})
+            allocator = CPU_HEAP_RETAINED * tokens * shape.layers * (
+                shape.hidden * e if setup.gradient_checkpointing else layer_bytes_per_token(shape, plain))
+        if head_block < GLIBC_HEAP_BLOCKS_BELOW:
+            allocator += CPU_HEAP_RETAINED * workspace
     return MemoryEstimate(weights=int(weights), trainable_state=int(trainable), activations=int(activations),
-                          workspace=int(workspace), overhead=int(overhead))
+                          workspace=int(workspace), runtime=int(runtime), allocator=int(allocator),
+                          device=setup.device)
 
 
 # ---------------------------------------------------------------- a recipe's setup
@@ -351,10 +285,18 @@ def training_setup(recipe, device: str, launch: Launch, longest: int | None = No
 
 
 def estimate_recipe_memory(recipe, config, device: str = "cuda", longest: int | None = None):
-    """(estimate, setup) for a lorakit Recipe on a model config: what `lorakit validate` prints, and what the shipped
-    recipes' headers state."""
+    """(estimate, setup) for a lorakit Recipe on a model config, as its command trains it: what `lorakit validate`
+    prints, what a run's summary states, and what the shipped recipes' headers state.
+
+    sft trains the recipe's micro-batch, packed or not; dpo the chosen and the rejected sequence of each pair in one
+    micro-batch (trl's DPOTrainer concatenates them); classify the base with its new head, on unpacked rows."""
     launch = read_launch(recipe)
+    pairs = recipe.command == "dpo"
+    if recipe.command in ("dpo", "classify"):  # neither packs rows
+        recipe = dataclasses.replace(recipe, training={**recipe.training, "packing": False})
     setup, _ = training_setup(recipe, device, launch, longest)
+    if pairs:
+        setup = dataclasses.replace(setup, micro_batch=2 * setup.micro_batch)
     return estimate_memory(model_shape(config, recipe.lora, classifier_shape(recipe)), setup), setup
 
 

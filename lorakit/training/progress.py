@@ -199,6 +199,6 @@ def memory_estimate_row(recipe, placement, model, record: dict) -> list[tuple[st
         estimate, setup = estimate_recipe_memory(recipe, config, placement.device, lengths.get("max"))
     except Exception:  # a model the estimator cannot shape from its config: the run goes on without the row
         return []
-    where = "of RAM" if placement.device == "cpu" else "of GPU memory per process"
-    return [("memory", f"about {format_size(estimate.total)} {where} at the peak for weights, activations and "
-                       "optimizer state (estimate; `lorakit validate` shows its parts)"), ("time", f"estimated once the first {1 + TIMING_STEPS} steps are done")]
+    where = "of RAM for the whole process" if placement.device == "cpu" else "of GPU memory per process"
+    return [("memory", f"about {format_size(estimate.total)} {where} at the peak (estimate; `lorakit validate` "
+                       "shows its parts)"), ("time", f"estimated once the first {1 + TIMING_STEPS} steps are done")]

@@ -173,7 +173,8 @@ def test_the_memory_estimate_sizes_the_classifier_that_trains(tiny_llama, tmp_pa
     from lorakit.models.loading import choose_placement
     from lorakit.recipe.load import load_recipe
     from lorakit.training.lifecycle import RunContext
-    from lorakit.training.memory import classifier_shape, estimate_memory, estimate_recipe_memory, model_shape
+    from lorakit.training.memory import classifier_shape, estimate_memory, estimate_recipe_memory
+    from lorakit.training.model_shape import model_shape
     from lorakit.training.run_dir import Fingerprint
 
     extra = f"  labels: {sorted(SHARES)}\n  head_only: {str(head_only).lower()}\n"

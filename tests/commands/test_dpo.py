@@ -147,6 +147,9 @@ def test_validate_shows_a_pair_with_its_scored_tokens(tiny_llama, random_sft_run
     assert "[[The sky is blue.<|im_end|>]]" in result.output and "[[Paris is the capital.<|im_end|>]]" in result.output
     assert "'<|im_end|>' is scored at the end of every response" in result.output
     assert "lorakit validate: the run can start" in result.output and f": lorakit dpo {recipe}" in result.output
+    result = run_cli("validate", str(recipe), "--samples", "0", "--device", "cpu")
+    # A DPO step's memory: each pair's chosen and rejected sequences in one micro-batch, part by part.
+    assert "pairs, chosen and rejected)" in result.output and "freed blocks malloc keeps" in result.output
     # A template that never closes the assistant's turn is caught before any training.
     broken = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}\n{% endfor %}" \
              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

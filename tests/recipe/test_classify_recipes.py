@@ -64,6 +64,10 @@ def test_validate_checks_a_classify_recipe_and_names_a_bad_row(tmp_path, tiny_ll
     assert result.exit_code == 0, result.output
     assert "1 dropped for their label" in result.output and "train data: 2 rows" in result.output
     assert "the run can start: lorakit classify" in result.output
+    # The memory a classify run needs, sized for the longest row it kept (RAM here: no GPU; --device cuda for one).
+    result = CliRunner().invoke(main, ["validate", str(recipe), "task.bad_labels=drop", "--device", "cpu"])
+    assert "memory (estimate)" in result.output and "peak on CPU RAM: LoRA, float32" in result.output
+    assert "Python, libraries, data" in result.output and "total" in result.output
 
 
 def test_the_task_keys_in_docs_classify_are_the_field_docs():

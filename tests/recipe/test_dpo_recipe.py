@@ -97,11 +97,10 @@ def test_every_shipped_dpo_recipe_is_valid_and_opens_with_its_command(path, sft_
 def test_stated_peak_memory_is_what_validate_estimates(path):
     from transformers import AutoConfig
 
-    from lorakit.checks.preferences import pair_memory_estimate
-    from lorakit.training.memory import format_size
+    from lorakit.training.memory import estimate_recipe_memory, format_size
 
     recipe = load_recipe(path, command="dpo")
     spec = dict(MODEL_CONFIGS[recipe.model["name_or_path"]])
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
     stated = re.findall(r"~(\d+\.\d) GiB", read_header(path).peak_memory)[0]
-    assert f"{stated} GiB" == format_size(pair_memory_estimate(recipe, config).total)
+    assert f"{stated} GiB" == format_size(estimate_recipe_memory(recipe, config)[0].total)
