@@ -17,12 +17,12 @@ first optimizer step:
                     process itself: Python with PyTorch, transformers, trl and datasets loaded, the tokenizer and
                     the tokenized data, so that the CPU figure is the whole process's peak resident memory;
   allocator         on CUDA, the caching allocator's slack; on a CPU, the freed blocks glibc keeps in its heap for
-                    reuse (lorakit.training.allocator), about as much again as the step's transient tensors that
-                    glibc serves from its heap (blocks under its mmap threshold; larger ones are unmapped when
-                    freed).
+                    reuse (lorakit.training.allocator): as much again as the activations the run would keep
+                    without LoRA dropout, plus the backward workspace, where their blocks are ones glibc serves
+                    from its heap (under its mmap threshold; larger ones are unmapped when freed).
 Everything not listed (inputs, the run's bookkeeping) is well below the estimate's error.
 
-`estimate_recipe_memory` reads a recipe the way `lorakit sft` will run it (trl's defaults where the recipe is
+`estimate_recipe_memory` reads a recipe the way its command will run it (trl's defaults where the recipe is
 silent, sft's own choices for the device, the launch section's processes and sharding); `lorakit validate` and
 the shipped recipes' headers both use it.
 """
@@ -62,8 +62,8 @@ GLIBC_HEAP_BLOCKS_BELOW = 32 * 1024**2
 # With the step's tensors served from that heap, its resident size outgrows what is live at the peak: the freed
 # blocks come back in other sizes within the backward pass and from step to step. Measured at the peak (the first,
 # longest step) against the activations the same run keeps without LoRA dropout: 1.5-1.65x on the benchmark's
-# tiny model, 0.86-0.91x on SmolLM2-135M, with or without dropout (2,027 and 2,071 MiB, packed 4 x 512); counted
-# as 1x (docs/benchmarks.md).
+# tiny model, 0.86-0.91x on SmolLM2-135M, with or without dropout (2,027 and 2,071 MiB, packed 4 x 512; glibc
+# 2.36); counted as 1x (docs/benchmarks.md).
 CPU_HEAP_RETAINED = 1.0
 # Attention implementations with which sft packs sequences by default (lorakit.commands.sft.build_sft_config).
 SIZE_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(gib|gb|mib|mb|g|m)\s*$", re.IGNORECASE)
