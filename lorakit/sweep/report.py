@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import datetime
 import io
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -213,7 +214,9 @@ def write_plots(study, recipe: SweepRecipe) -> list[Path]:
         figure.set_size_inches(8, 5)
         figure.tight_layout()
         path = recipe.folder / name
-        tmp = path.with_name(f".{name}.tmp.png")
+        # Each worker of a shared study writes the plots as it finishes: its own temporary file, so that two
+        # finishing together each replace the plot whole instead of moving the other's half-written file away.
+        tmp = path.with_name(f".{name}.{os.getpid()}.tmp.png")
         figure.savefig(tmp, dpi=100)
         plt.close(figure)
         tmp.replace(path)
