@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import write_adapter_run
+from hub_model_shapes import model_config
 
 from lorakit.commands.recipes import read_header
 from lorakit.errors import RecipeError
@@ -16,15 +17,6 @@ from lorakit.recipe.load import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "recipes" / "dpo").glob("*.yaml"))
-# The shipped GPU recipes' models, as in their config.json on the Hub, so the stated memory is checked offline.
-MODEL_CONFIGS = {
-    "meta-llama/Llama-3.1-8B-Instruct": dict(model_type="llama", hidden_size=4096, intermediate_size=14336,
-                                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                                             vocab_size=128256, tie_word_embeddings=False),
-    "Qwen/Qwen2.5-7B-Instruct": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944,
-                                     num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                                     vocab_size=152064, tie_word_embeddings=False),
-}
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +87,9 @@ def test_every_shipped_dpo_recipe_is_valid_and_opens_with_its_command(path, sft_
 @pytest.mark.parametrize("path", [p for p in SHIPPED if "quickstart" not in p.stem],
                          ids=[p.stem for p in SHIPPED if "quickstart" not in p.stem])
 def test_stated_peak_memory_is_what_validate_estimates(path):
-    from transformers import AutoConfig
-
     from lorakit.training.memory import estimate_recipe_memory, format_size
 
     recipe = load_recipe(path, command="dpo")
-    spec = dict(MODEL_CONFIGS[recipe.model["name_or_path"]])
-    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    config = model_config(recipe.model["name_or_path"])
     stated = re.findall(r"~(\d+\.\d) GiB", read_header(path).peak_memory)[0]
     assert f"{stated} GiB" == format_size(estimate_recipe_memory(recipe, config)[0].total)
