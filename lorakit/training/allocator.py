@@ -24,7 +24,8 @@ M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
 MIB = 1024 * 1024
-SETTINGS = ((M_MMAP_THRESHOLD, 32 * MIB),  # glibc's largest: larger blocks are always mmapped
+MMAP_THRESHOLD = 32 * MIB  # glibc's largest: larger blocks are always mmapped, smaller ones come from its heap
+SETTINGS = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD),
             (M_TRIM_THRESHOLD, 1024 * MIB),
             (M_TOP_PAD, 256 * MIB))
 USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX",

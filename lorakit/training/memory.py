@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorakit.training.allocator import MMAP_THRESHOLD
 from lorakit.training.model_shape import ModelShape, model_shape
 
 GIB = 1024**3
@@ -56,16 +57,14 @@ ALLOCATOR_SLACK = 0.10
 # accelerate imported, the tokenizer and the tokenized rows (497-580 MiB at the start of training for the
 # benchmark's tiny model and SmolLM2-135M, torch 2.13, transformers 5.24; docs/benchmarks.md).
 CPU_RUNTIME_BYTES = int(0.5 * GIB)
-# glibc serves blocks under this size from its heap and keeps them once freed (lorakit.training.allocator sets it;
-# glibc's dynamic threshold reaches it after the first large free); larger blocks are mapped and unmapped each time.
-GLIBC_HEAP_BLOCKS_BELOW = 32 * 1024**2
-# With the step's tensors served from that heap, its resident size outgrows what is live at the peak: the freed
-# blocks come back in other sizes within the backward pass and from step to step. Measured at the peak (the first,
-# longest step) against the activations the same run keeps without LoRA dropout: 1.5-1.65x on the benchmark's
-# tiny model, 0.86-0.91x on SmolLM2-135M, with or without dropout (2,027 and 2,071 MiB, packed 4 x 512; glibc
-# 2.36); counted as 1x (docs/benchmarks.md).
+# glibc serves blocks under its mmap threshold from its heap and keeps them once freed (lorakit.training.allocator
+# fixes the threshold; glibc's dynamic one reaches the same after the first large free); larger blocks are mapped
+# and unmapped each time. With the step's tensors served from that heap, its resident size outgrows what is live
+# at the peak: the freed blocks come back in other sizes within the backward pass and from step to step. Measured
+# at the peak (the first, longest step) against the activations the same run keeps without LoRA dropout: 1.5-1.65x
+# on the benchmark's tiny model, 0.86-0.91x on SmolLM2-135M, with or without dropout (2,027 and 2,071 MiB, packed
+# 4 x 512; glibc 2.36); counted as 1x (docs/benchmarks.md).
 CPU_HEAP_RETAINED = 1.0
-# Attention implementations with which sft packs sequences by default (lorakit.commands.sft.build_sft_config).
 SIZE_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(gib|gb|mib|mb|g|m)\s*$", re.IGNORECASE)
 
 
@@ -189,8 +188,8 @@ def estimate_memory(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
     # A layer: the recomputed activations, and the gradients in flight through its MLP and residual stream.
     layer_backward = tokens * (recomputed + (2 * shape.intermediate + 2 * shape.hidden) * e)
     workspace = max(head, layer_backward)
-    # The blocks most of a layer's tensors are made of (tokens x hidden, float32 or the compute dtype), and the CPU
-    # head's (tokens x vocabulary, float32).
+    # The blocks most of a layer's tensors are made of (tokens x hidden, counted in float32, the widest dtype a
+    # layer keeps), and the CPU head's (tokens x vocabulary, float32).
     layer_block = tokens * shape.hidden * 4
     head_block = tokens * shape.vocab * 4 if head >= layer_backward else layer_block
     if setup.quantization:
@@ -203,11 +202,11 @@ def estimate_memory(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
     else:
         runtime = CPU_RUNTIME_BYTES
         allocator = 0
-        if layer_block < GLIBC_HEAP_BLOCKS_BELOW:
+        if layer_block < MMAP_THRESHOLD:
             plain = TrainingSetup(**{**setup.__dict__, "lora_dropout": 0.0})
             allocator = CPU_HEAP_RETAINED * tokens * shape.layers * (
                 shape.hidden * e if setup.gradient_checkpointing else layer_bytes_per_token(shape, plain))
-        if head_block < GLIBC_HEAP_BLOCKS_BELOW:
+        if head_block < MMAP_THRESHOLD:
             allocator += CPU_HEAP_RETAINED * workspace
     return MemoryEstimate(weights=int(weights), trainable_state=int(trainable), activations=int(activations),
                           workspace=int(workspace), runtime=int(runtime), allocator=int(allocator),

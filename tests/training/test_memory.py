@@ -152,16 +152,6 @@ print(json.dumps({"baseline": baseline, "peak": status("VmHWM")}))
 """
 
 
-WHOLE_PROCESS = r"""
-import json, sys
-from lorakit.commands.sft import run_sft
-
-run_sft(sys.argv[1])
-with open("/proc/self/status") as handle:
-    print(json.dumps({"peak": next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmHWM"))}))
-"""
-
-
 def write_measured_recipe(tmp_path: Path, steps: int) -> Path:
     folder = build_measured_model(tmp_path / "model")
     recipe = tmp_path / "recipe.yaml"
@@ -181,9 +171,10 @@ training:
     return recipe
 
 
-def measure(tmp_path: Path, script: str, recipe: Path, **env: str) -> dict:
+def measure(tmp_path: Path, recipe: Path, **env: str) -> dict:
+    """`lorakit sft RECIPE` in a fresh process: its resident size once the libraries are imported, and its peak."""
     env = {**os.environ, "LORAKIT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "2", **env}
-    result = subprocess.run([sys.executable, "-c", script, str(recipe)], capture_output=True, text=True, env=env,
+    result = subprocess.run([sys.executable, "-c", MEASURE, str(recipe)], capture_output=True, text=True, env=env,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -202,7 +193,7 @@ def test_tensor_estimate_matches_measured_cpu_training_peak(tmp_path):
     from lorakit.training.memory import estimate_recipe_memory
 
     recipe = write_measured_recipe(tmp_path, steps=1)
-    measured = measure(tmp_path, MEASURE, recipe, MALLOC_MMAP_THRESHOLD_="65536")
+    measured = measure(tmp_path, recipe, MALLOC_MMAP_THRESHOLD_="65536")
     growth = measured["peak"] - measured["baseline"]
     estimate, setup = estimate_recipe_memory(load_recipe(recipe), load_config(tmp_path / "model"), device="cpu")
     assert setup.micro_batch * setup.seq_len == 4 * 512 and not setup.gradient_checkpointing
@@ -219,7 +210,7 @@ def test_ram_estimate_covers_the_whole_cpu_process(tmp_path):
     from lorakit.training.memory import estimate_recipe_memory
 
     recipe = write_measured_recipe(tmp_path, steps=3)  # the peak comes at the first step, and stays
-    peak = measure(tmp_path, WHOLE_PROCESS, recipe)["peak"]
+    peak = measure(tmp_path, recipe)["peak"]  # reset after the imports, below the training peak
     estimate, _ = estimate_recipe_memory(load_recipe(recipe), load_config(tmp_path / "model"), device="cpu")
     print(f"estimate {format_size(estimate.total)} ({', '.join(f'{n} {format_size(v)}' for n, v in estimate.parts())})"
           f", measured peak RSS {format_size(peak)}")
