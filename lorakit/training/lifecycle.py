@@ -148,7 +148,10 @@ def run_locked(recipe: Recipe, build: Callable[[RunContext], Built], *, overwrit
     stop = guards.StopOnSignal()
     built = build(RunContext(recipe, placement, fingerprint, [*build_callbacks(recipe, stop), *callbacks], resume_from))
     trainer = built.trainer
+    from lorakit.models.cpu_passes import use_fewer_passes
     from lorakit.training import plots, progress
+
+    fewer_passes = use_fewer_passes(trainer.model, placement)  # CPU float32: element-wise work in fewer passes
 
     progress.replace_progress_bar(trainer, progress.Progress())  # one readable line per log, not raw dicts
     trainable, total = count_parameters(trainer.model)
@@ -156,7 +159,8 @@ def run_locked(recipe: Recipe, build: Callable[[RunContext], Built], *, overwrit
     if trainer.is_world_process_zero():
         from lorakit.training.summary import print_summary
 
-        rows = [*built.summary, *progress.memory_estimate_row(recipe, placement, trainer.model, built.record)]
+        rows = [*built.summary, *progress.memory_estimate_row(recipe, placement, trainer.model, built.record),
+                *([("fewer passes", ", ".join(fewer_passes.names))] if fewer_passes.names else [])]
         print_summary(recipe, placement, rows, trainable, total, trainer, steps, resume_from)
         out.mkdir(parents=True, exist_ok=True)
         (out / run_dir.RECIPE_FILE).write_text(recipe.dump(), encoding="utf-8")
@@ -164,7 +168,7 @@ def run_locked(recipe: Recipe, build: Callable[[RunContext], Built], *, overwrit
                                              resume_from))
 
     started = time.time()
-    with stop:  # a stop signal from here on waits for the step to end, and then for its checkpoint
+    with stop, fewer_passes:  # a stop signal from here on waits for the step to end, and then for its checkpoint
         try:
             result = guards.train(trainer, resume_from, recipe,
                                   retry_smaller_batch=bool(recipe.training.get("auto_find_batch_size")))

@@ -112,6 +112,7 @@ def test_packed_and_unpacked_batches_give_the_same_loss(tiny_llama, tmp_path):
         if packing == "true":  # on a CPU: the micro-batch as one row, its attention document by document
             assert "packed rows attend document by document" in result.output
             assert "32 sequences per step = 32 per device x 1 accumulation" in result.output
+        assert "fewer passes" in result.output and "RMSNorm, rotary embeddings, LoRA sum" in result.output
     assert first["true"] == pytest.approx(first["false"], rel=1e-4)
 
 
