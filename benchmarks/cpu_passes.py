@@ -9,7 +9,7 @@ passes, original, ...), so that a noisy machine slows both alike; each pair's ti
 prints their median and quartiles, the best time of each, and the loss and gradients of both (which must agree to
 float32 rounding). Each replacement is also measured alone.
 
-    python benchmarks/cpu_passes.py [--base tiny|smollm2] [--pairs 20] [--threads 1]
+    python benchmarks/cpu_passes.py [--base tiny|smollm2] [--pairs 20] [--threads 1] [--together-only]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--base", default="tiny", choices=("tiny", "smollm2"))
     parser.add_argument("--pairs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--together-only", action="store_true", help="skip measuring each replacement alone")
     args = parser.parse_args()
 
     import torch
@@ -84,8 +85,8 @@ def main() -> None:
     print("| replaced | median original / fewer passes | quartiles | best s original | best s fewer passes "
           "| loss original / fewer | largest gradient difference (relative) |")
     print("|---|---|---|---|---|---|---|")
-    for label, installers in (("all three", INSTALLERS), *((name.removeprefix("install_"), (name,))
-                                                          for name in INSTALLERS)):
+    each = () if args.together_only else tuple((name.removeprefix("install_"), (name,)) for name in INSTALLERS)
+    for label, installers in (("all three", INSTALLERS), *each):
         step()  # warm-up
         with with_replacements(installers):
             step()

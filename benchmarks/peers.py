@@ -290,7 +290,8 @@ def main() -> None:
         report.update(helps=helps, summary=summary)
         packings = {"off": [False], "on": [True], "both": [False, True]}[args.packing]
         table = job_table(summary, helps, args.tools, args.conditions, packings)
-        table += "\n\n" + memory_lines(summary)
+        memory = memory_lines(summary)
+        table += f"\n\n{memory}" if memory else ""
     table += f"\n\nHeld-out loss of the untrained base: {report['base_heldout_loss']:.3f}"
     print(f"\n{report['machine']}\n\n{table}")
     if args.json:
@@ -329,7 +330,7 @@ def memory_lines(summary: dict) -> str:
         if check:
             lines.append(f"| {key} | {check['estimate']['total'] / 2**20:,.0f} | {check['measured'] / 2**20:,.0f} "
                          f"| {check['ratio']:.2f} |")
-    return "\n".join(lines)
+    return "\n".join(lines) if len(lines) > 2 else ""  # no lorakit run alone: no table
 
 
 def machine() -> str:
