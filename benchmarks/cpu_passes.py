@@ -10,6 +10,7 @@ prints their median and quartiles, the best time of each, and the loss and gradi
 float32 rounding). Each replacement is also measured alone.
 
     python benchmarks/cpu_passes.py [--base tiny|smollm2] [--pairs 20] [--threads 1] [--together-only]
+    python benchmarks/cpu_passes.py --base smollm2 --profile     # where one step with fewer passes goes, by shape
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--together-only", action="store_true", help="skip measuring each replacement alone")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: torch.profiler's table of one step with fewer passes, by operation and shape")
     args = parser.parse_args()
 
     import torch
@@ -81,6 +84,18 @@ def main() -> None:
             getattr(cpu_passes, installer)(model, replaced)
         return replaced
 
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with with_replacements(INSTALLERS):
+            step()  # warm-up
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiled:
+                step()
+        print(f"{args.base} model, packed 4 x 512 tokens, {args.threads} thread(s), fewer passes, the model's own LM "
+              "head over every position")
+        print(profiled.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=30, max_shapes_column_width=60))
+        return
     print(f"{args.base} model, packed 4 x 512 tokens, {args.threads} thread(s), {args.pairs} alternating pairs")
     print("| replaced | median original / fewer passes | quartiles | best s original | best s fewer passes "
           "| loss original / fewer | largest gradient difference (relative) |")
