@@ -323,14 +323,12 @@ def add_memory_check(summary: dict, paths: dict) -> None:
 
 
 def memory_lines(summary: dict) -> str:
-    lines = ["| lorakit run | `lorakit validate` estimate MiB | measured peak RSS MiB | measured / estimate |",
-             "|---|---|---|---|"]
-    for key, cell in summary.items():
-        check = cell.get("memory_check")
-        if check:
-            lines.append(f"| {key} | {check['estimate']['total'] / 2**20:,.0f} | {check['measured'] / 2**20:,.0f} "
-                         f"| {check['ratio']:.2f} |")
-    return "\n".join(lines) if len(lines) > 2 else ""  # no lorakit run alone: no table
+    rows = [f"| {key} | {check['estimate']['total'] / 2**20:,.0f} | {check['measured'] / 2**20:,.0f} "
+            f"| {check['ratio']:.2f} |" for key, cell in summary.items() if (check := cell.get("memory_check"))]
+    if not rows:  # no lorakit run alone: no table
+        return ""
+    return "\n".join(["| lorakit run | `lorakit validate` estimate MiB | measured peak RSS MiB | measured / estimate |",
+                      "|---|---|---|---|", *rows])
 
 
 def machine() -> str:
