@@ -21,6 +21,7 @@ CONFIGS = HERE / "peer_configs"
 TRAIN_ROWS = 700
 HELDOUT_ROWS = 64
 MAX_LENGTH = 512
+ROWS_PER_STEP = 4  # per optimizer step, every tool (peer_configs)
 # LLaMA-Factory reads data through a registry file beside it; this entry says the rows are role/content messages.
 DATASET_INFO = {"bench": {"file_name": "train.jsonl", "formatting": "sharegpt", "columns": {"messages": "messages"},
                           "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
@@ -65,11 +66,15 @@ def build_smollm2(folder: Path) -> None:
 
 
 def write_config(tool: str, paths: dict[str, Path], output: Path, packing: bool, *, defaults: bool = False,
-                 lorakit_dtype: str | None = None) -> Path:
-    """The tool's config for this job (benchmarks/peer_configs/TOOL.yaml, or its five-line defaults/TOOL.yaml)."""
+                 lorakit_dtype: str | None = None, processes: int = 1) -> Path:
+    """The tool's config for this job (benchmarks/peer_configs/TOOL.yaml, or its five-line defaults/TOOL.yaml);
+    with several processes, the job's 4 rows a step divided among them."""
     template = Template((CONFIGS / ("defaults" if defaults else "") / f"{tool}.yaml").read_text())
+    if ROWS_PER_STEP % processes:
+        raise ValueError(f"{ROWS_PER_STEP} rows a step cannot be divided among {processes} processes")
     text = template.substitute(model=paths["model"], data_dir=paths["data_dir"], train_file=paths["train_file"],
-                               output=output, packing="true" if packing else "false", dtype=lorakit_dtype or "auto")
+                               output=output, packing="true" if packing else "false", dtype=lorakit_dtype or "auto",
+                               per_device=ROWS_PER_STEP // processes)
     output.mkdir(parents=True, exist_ok=True)
     path = output.parent / f"{output.name}.yaml"
     path.write_text(text)

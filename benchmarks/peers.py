@@ -50,8 +50,9 @@ COMMANDS = {  # (train command, --help command); the executable is looked up in 
     "llamafactory": (["llamafactory-cli", "train", "{config}"], ["llamafactory-cli", "help"]),
     "axolotl": (["axolotl", "train", "{config}"], ["axolotl", "train", "--help"]),
 }
-# lorakit with its model dtype forced, beside its own choice: NAME -> (tool, model.dtype).
-VARIANTS = {"lorakit-fp32": ("lorakit", "float32")}
+# lorakit with a setting of its own changed, beside its defaults: NAME -> (tool, model.dtype, processes).
+# lorakit-2proc: data parallel on one thread in each of two processes (`--num-processes 2`), the same 4 rows a step.
+VARIANTS = {"lorakit-fp32": ("lorakit", "float32", 1), "lorakit-2proc": ("lorakit", None, 2)}
 NEIGHBOUR = "while True: pass"  # one CPU-bound thread, as a compile or another training job would be
 
 
@@ -81,6 +82,9 @@ def run_tool(tool: str, config: Path, output: Path, work: Path, peers_root: Path
     """Run one tool's training command; what it measured, or the exact error it stopped with."""
     binary = tool_bin(tool, peers_root)
     command = [part.format(config=config) for part in COMMANDS[VARIANTS.get(tool, (tool,))[0]][0]]
+    processes = VARIANTS.get(tool, (tool, None, 1))[2]
+    if processes > 1:
+        command += ["--num-processes", str(processes)]
     if not (binary / command[0]).exists():
         return {"ok": False, "error": f"not installed: {binary / command[0]} is missing"}
     command[0] = str(binary / command[0])
@@ -105,14 +109,34 @@ def run_tool(tool: str, config: Path, output: Path, work: Path, peers_root: Path
     result = {"wall_s": wall, "rc": process.returncode, "peak_rss": usage.ru_maxrss * 1024,
               "cpu_share": (usage.ru_utime + usage.ru_stime) / wall, "log": str(log)}
     adapter = peer_job.find_adapter(output)
-    if process.returncode != 0 or adapter is None or not probe.exists():
+    measured = read_probes(probe)
+    if process.returncode != 0 or adapter is None or measured is None:
         why = "timed out" if wall > timeout else first_error(log.read_text(errors="replace"))
         return {**result, "ok": False, "error": why or f"exit {process.returncode}, no adapter saved"}
-    measured = json.loads(probe.read_text())
+    if measured.get("processes", 1) > 1:
+        # wait4 gives the largest single process of the tree; several training processes hold memory together.
+        result["peak_rss"] = measured["peak_at_train_end"]
     losses = measured["losses"]
     return {**result, **measured, "ok": True, "adapter": str(adapter), "config": str(config),
             "tokens_per_s": measured["real_tokens"] / measured["train_seconds"],
             "final_loss": statistics.fmean(losses[-5:]) if losses else None}
+
+
+def read_probes(probe: Path) -> dict | None:
+    """What the probe recorded: one file, or one per process of a multi-process run (probe.rankN), added up: the
+    tokens of every process over the slowest one's time, the losses the trainer logged (the same on every rank),
+    the peaks added together."""
+    ranks = sorted(probe.parent.glob(f"{probe.name}.rank*"))
+    if not ranks:
+        return json.loads(probe.read_text()) if probe.exists() else None
+    records = [json.loads(path.read_text()) for path in ranks]
+    merged = {**records[0], "processes": len(records),
+              "train_seconds": max(record["train_seconds"] for record in records)}
+    for key in ("real_tokens", "trained_tokens", "padded_tokens", "micro_batches"):
+        merged[key] = sum(record[key] for record in records)
+    for key in ("peak_before_train", "peak_at_train_end", "rss_at_train_start"):
+        merged[key] = sum(record.get(key) or 0 for record in records)
+    return merged
 
 
 def first_error(log: str) -> str:
@@ -160,8 +184,9 @@ def run_job(args, work: Path, paths: dict) -> dict:
                     for tool in args.tools:
                         key = cell_key(tool, packing, condition)
                         output = runs / f"{key}-r{round_index}"
-                        base_tool, dtype = VARIANTS.get(tool, (tool, args.lorakit_dtype))
-                        config = peer_job.write_config(base_tool, paths, output, packing, lorakit_dtype=dtype)
+                        base_tool, dtype, processes = VARIANTS.get(tool, (tool, args.lorakit_dtype, 1))
+                        config = peer_job.write_config(base_tool, paths, output, packing, lorakit_dtype=dtype,
+                                                       processes=processes)
                         result = run_tool(tool, config, output, work, args.peers_root, args.timeout)
                         cells.setdefault(key, []).append(result)
                         print(f"round {round_index + 1} {key}: " + (
@@ -316,7 +341,9 @@ def add_memory_check(summary: dict, paths: dict) -> None:
     each lorakit run's measured peak RSS."""
     longest = peer_job.longest_row(paths["model"], paths["train_file"])
     for key, cell in summary.items():
-        if key.startswith("lorakit-") and key.endswith("-alone") and cell.get("ok") and cell.get("peak_rss"):
+        # The estimate is for one process: a multi-process run is not checked against it.
+        if (key.startswith("lorakit-") and key.endswith("-alone") and cell.get("ok") and cell.get("peak_rss")
+                and cell.get("processes", 1) == 1):
             estimate = peer_job.memory_estimate(Path(cell["config"]), paths["model"], longest)
             cell["memory_check"] = {"estimate": estimate, "measured": cell["peak_rss"],
                                     "ratio": cell["peak_rss"] / estimate["total"], "longest_row_tokens": longest}

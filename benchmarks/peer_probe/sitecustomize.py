@@ -20,6 +20,8 @@ import sys
 import time
 
 OUT = os.environ.get("LORAKIT_BENCH_PROBE")
+if OUT and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    OUT += f".rank{os.environ.get('RANK', '0')}"  # one file per training process (benchmarks/peers.py adds them up)
 
 
 def count(inputs, counts: dict) -> None:

@@ -69,7 +69,8 @@ def relaunch_if_distributed(command_name: str, recipe_path: str, overrides: tupl
                                  options.get("machine_rank"), options.get("main_process_ip"),
                                  options.get("main_process_port"), command_name=command_name)
     click.echo("lorakit: " + shlex.join(line))
-    sys.exit(launch.relaunch(line))
+    threads = launch.threads_per_process(num_processes, options.get("num_machines"), accelerate_config)
+    sys.exit(launch.relaunch(line, threads))
 
 
 def run_options(options: dict[str, Any]) -> dict[str, Any]:

@@ -87,8 +87,25 @@ def launch_command(sft_args: list[str], num_processes: int | None, accelerate_co
     return command + ["-m", "lorakit", command_name, *sft_args]
 
 
-def relaunch(command: list[str]) -> int:
-    """Run the launcher and return its exit status.
+def threads_per_process(num_processes: int | None, num_machines: int | None,
+                        accelerate_config: str | None) -> int:
+    """CPU threads for each process, so that the processes on this machine share its cores without
+    oversubscribing them: on a CPU-only run each process trains on its share, and on GPUs the share is what
+    each process's CPU work (collation, the optimizer of an offloaded model) gets."""
+    from lorakit.training.threads import usable_cores
+
+    config = read_accelerate_config(Path(accelerate_config)) if accelerate_config else {}
+
+    def count(value) -> int:
+        return value if isinstance(value, int) and value > 0 else 1  # accelerate itself rejects the rest
+
+    here = -(-count(num_processes or config.get("num_processes")) // count(num_machines or config.get("num_machines")))
+    return max(1, usable_cores() // here)
+
+
+def relaunch(command: list[str], threads: int = 1) -> int:
+    """Run the launcher and return its exit status; each process gets `threads` CPU threads unless the user set
+    OMP_NUM_THREADS.
 
     SIGTERM/SIGINT sent to this process (a scheduler preempting the job) are passed on to the launcher, which
     passes them to every worker; the workers checkpoint at the next step and exit, and their status is returned.
@@ -96,7 +113,7 @@ def relaunch(command: list[str]) -> int:
     import signal
 
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // 2)))
+    env.setdefault("OMP_NUM_THREADS", str(threads))
     child = subprocess.Popen(command, env=env)
 
     def forward(signum, frame):

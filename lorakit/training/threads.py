@@ -97,6 +97,7 @@ def follow_free_cores(placement) -> list:
         def __init__(self) -> None:
             self.cores = usable_cores()
             self.last = start  # the first window is the run's preparation (data, model), before any step
+            self.hinted = False
 
         def update(self) -> None:
             import torch
@@ -109,6 +110,11 @@ def follow_free_cores(placement) -> list:
             if wanted != torch.get_num_threads():
                 busy = "other processes keep the CPU busy" if wanted < self.cores else "the CPU is free again"
                 click.echo(f"lorakit: {busy}: training on {wanted} of {self.cores} cores")
+                if wanted < self.cores and not self.hinted:
+                    self.hinted = True
+                    click.echo(f"lorakit: --num-processes {self.cores} would train on one thread in each of "
+                               f"{self.cores} processes, which keep working beside busy neighbours (a copy of the "
+                               "model each; docs/benchmarks.md)")
                 torch.set_num_threads(wanted)
 
         def on_train_begin(self, args, state, control, **kwargs):

@@ -53,6 +53,29 @@ def test_every_tool_gets_the_same_job(tmp_path, packing):
     assert lk["model"]["name_or_path"] == trl["model_name_or_path"] == lf["model_name_or_path"] == ax["base_model"]
 
 
+def test_two_lorakit_processes_share_the_same_rows_a_step(tmp_path):
+    config = peer_job.write_config("lorakit", paths(tmp_path), tmp_path / "two", True, processes=2)
+    assert yaml.safe_load(config.read_text())["training"]["per_device_train_batch_size"] == 2
+    with pytest.raises(ValueError, match="4 rows a step cannot be divided among 3 processes"):
+        peer_job.write_config("lorakit", paths(tmp_path), tmp_path / "three", True, processes=3)
+
+
+def test_a_multi_process_run_is_counted_over_all_its_processes(tmp_path):
+    import json
+
+    probe = tmp_path / "run.probe.json"
+    for rank, (seconds, tokens, peak) in enumerate([(10.0, 300, 2 << 30), (10.5, 260, 3 << 30)]):
+        Path(f"{probe}.rank{rank}").write_text(json.dumps({
+            "train_seconds": seconds, "real_tokens": tokens, "trained_tokens": tokens // 2, "padded_tokens": tokens,
+            "micro_batches": 30, "losses": [2.0, 1.5], "settings": {}, "peak_at_train_end": peak,
+            "peak_before_train": peak // 2, "rss_at_train_start": peak // 2}))
+    merged = peers.read_probes(probe)
+    assert merged["processes"] == 2 and merged["real_tokens"] == 560 and merged["trained_tokens"] == 280
+    assert merged["train_seconds"] == 10.5  # the slower process ends the step
+    assert merged["peak_at_train_end"] == 5 << 30 and merged["losses"] == [2.0, 1.5]
+    assert peers.read_probes(tmp_path / "missing.probe.json") is None
+
+
 def test_tokens_are_counted_alike_padded_packed_and_padding_free():
     import torch
 
