@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from lorakit.checks.findings import Findings
@@ -61,6 +63,7 @@ def check_memory(recipe: Recipe, config, data, device: str | None, gpu_memory: i
             click.echo(f"    {label:<32} {format_size(size):>10}")
     click.echo(f"    {'total':<32} {format_size(estimate.total):>10}")
     if setup.device == "cpu":
+        check_cpu_ram(estimate.total, setup.processes, findings)
         return
     if gpu_memory is None:
         gpu_memory = local_gpu_memory()
@@ -79,6 +82,38 @@ def check_memory(recipe: Recipe, config, data, device: str | None, gpu_memory: i
                          "estimate's own error could make the run run out of memory")
     else:
         findings.ok(f"memory: the estimated peak, {format_size(estimate.total)}, fits in {limit}")
+
+
+def check_cpu_ram(per_process: int, processes: int, findings: Findings) -> None:
+    """Processes training on one CPU each hold the libraries, the model and their activations in the same RAM."""
+    from lorakit.training.memory import format_size
+
+    total = per_process * processes
+    if processes > 1:
+        click.echo(f"    {f'x {processes} processes, one RAM':<32} {format_size(total):>10}")
+    ram = machine_ram()
+    if ram is not None and total > ram:
+        fewer = " or fewer processes (--num-processes)" if processes > 1 else ""
+        findings.warning(f"memory: the estimated peak, {format_size(total)}, is more than this machine's "
+                         f"{format_size(ram)} of RAM: the run would swap or be stopped. Lower "
+                         f"training.per_device_train_batch_size or data.max_length{fewer}")
+
+
+def machine_ram() -> int | None:
+    """Physical RAM, capped by a cgroup memory limit (containers); None where it cannot be read."""
+    import os
+
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            ram = min(ram, int(limit))
+    except OSError:
+        pass
+    return ram
 
 
 def advice(setup) -> str:

@@ -107,7 +107,9 @@ class LaunchSection:
         None,
     )
     num_processes: int | None = doc(
-        "Processes to launch (usually one per GPU). Same as `lorakit sft --num-processes`; null: the config's or 1.",
+        "Processes to launch (usually one per GPU; on a CPU, see docs/distributed.md). Same as `lorakit sft "
+        "--num-processes`; null: the config's or 1. Each gets the machine's cores divided among them as threads, "
+        "unless OMP_NUM_THREADS is set.",
         None,
     )
 

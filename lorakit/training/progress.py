@@ -173,8 +173,16 @@ def measured_peak_memory(device: str) -> str | None:
         except ImportError:  # not on Windows
             return None
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return f"{format_size(peak * (1 if sys.platform == 'darwin' else 1024))} (RAM, whole process)"
+        here = processes_on_this_machine()
+        whose = f"the main one of {here} processes, each about as much" if here > 1 else "whole process"
+        return f"{format_size(peak * (1 if sys.platform == 'darwin' else 1024))} (RAM, {whose})"
     return None
+
+
+def processes_on_this_machine() -> int:
+    """Training processes sharing this machine's RAM (torchrun's LOCAL_WORLD_SIZE; 1 when not launched)."""
+    value = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    return int(value) if value.isdigit() and int(value) > 0 else 1
 
 
 def replace_progress_bar(trainer, progress: Progress) -> None:
@@ -199,6 +207,8 @@ def memory_estimate_row(recipe, placement, model, record: dict) -> list[tuple[st
         estimate, setup = estimate_recipe_memory(recipe, config, placement.device, lengths.get("max"))
     except Exception:  # a model the estimator cannot shape from its config: the run goes on without the row
         return []
-    where = "of RAM for the whole process" if placement.device == "cpu" else "of GPU memory per process"
+    here = processes_on_this_machine()
+    where = ("of GPU memory per process" if placement.device != "cpu" else
+             f"of RAM for each of the {here} processes" if here > 1 else "of RAM for the whole process")
     return [("memory", f"about {format_size(estimate.total)} {where} at the peak (estimate; `lorakit validate` "
                        "shows its parts)"), ("time", f"estimated once the first {1 + TIMING_STEPS} steps are done")]

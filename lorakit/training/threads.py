@@ -114,7 +114,7 @@ def follow_free_cores(placement) -> list:
                     self.hinted = True
                     click.echo(f"lorakit: --num-processes {self.cores} would train on one thread in each of "
                                f"{self.cores} processes, which keep working beside busy neighbours (a copy of the "
-                               "model each; docs/benchmarks.md)")
+                               "model each; docs/distributed.md)")
                 torch.set_num_threads(wanted)
 
         def on_train_begin(self, args, state, control, **kwargs):

@@ -45,6 +45,9 @@ training:
     # One summary, from the main process only, counting both processes in the batch.
     assert output.count("lorakit sft\n") == 1
     assert "16 sequences per step = 4 per device x 2 accumulation x 2 process(es)" in output
+    # Both processes hold a model in the same RAM: the memory lines say whose figure they give.
+    assert "of RAM for each of the 2 processes at the peak (estimate" in output
+    assert "(RAM, the main one of 2 processes, each about as much)" in output
     out = tmp_path / "out"
     record = json.loads((out / "lorakit_run.json").read_text())
     assert record["status"] == "completed"
