@@ -15,7 +15,9 @@ rate 2e-4 with linear decay and no warm-up, 30 optimizer steps of 4 rows, max le
 dtype choice, which the table names), no activation checkpointing, loss on the assistant replies only; packing off,
 then on. Every round runs every tool once (A B C D A B C D ...), alone and then beside a CPU-bound neighbour process
 (`--conditions`); each cell reports its best round, and the spread of its rounds as the noise. `lorakit-fp32` in
-`--tools` adds lorakit with its model dtype forced to float32, beside its own choice.
+`--tools` adds lorakit with its model dtype forced to float32, beside its own choice; `lorakit-2proc`, lorakit on
+one thread in each of two processes (`--num-processes 2`, the same 4 rows a step), its tokens and memory added up
+over both.
 
 Measured, the same way for every tool (benchmarks/peer_probe/sitecustomize.py is loaded into each process):
 wall time from the command's start to its exit with the adapter saved; real tokens the trainer was handed (non-pad)
