@@ -9,7 +9,8 @@ from conftest import facts_rows, write_jsonl
 from lorakit.cli import main
 
 
-def test_without_a_gpu_the_estimate_is_for_the_cpu_unless_a_gpu_is_named(tiny_llama, tmp_path):
+def cpu_recipe(tiny_llama, tmp_path):
+    """A recipe for the tiny model, on a machine whose default estimate is for its CPU (else the test skips)."""
     import torch
 
     if torch.cuda.is_available():
@@ -17,6 +18,11 @@ def test_without_a_gpu_the_estimate_is_for_the_cpu_unless_a_gpu_is_named(tiny_ll
     data = write_jsonl(tmp_path / "train.jsonl", facts_rows("messages"))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"model: {tiny_llama}\ndata:\n  train: {data}\n  max_length: 64\n")
+    return recipe
+
+
+def test_without_a_gpu_the_estimate_is_for_the_cpu_unless_a_gpu_is_named(tiny_llama, tmp_path):
+    recipe = cpu_recipe(tiny_llama, tmp_path)
     here = CliRunner().invoke(main, ["validate", str(recipe), "--samples", "0"])
     assert here.exit_code == 0, here.output
     assert "this machine has no GPU, so the estimate is for a run on its CPU" in here.output
@@ -30,15 +36,9 @@ def test_without_a_gpu_the_estimate_is_for_the_cpu_unless_a_gpu_is_named(tiny_ll
 def test_cpu_processes_share_one_ram_and_a_run_too_big_for_it_is_named(tiny_llama, tmp_path, monkeypatch):
     import re
 
-    import torch
-
     from lorakit.checks import memory
 
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU: the default estimate is for it")
-    data = write_jsonl(tmp_path / "train.jsonl", facts_rows("messages"))
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"model: {tiny_llama}\ndata:\n  train: {data}\n  max_length: 64\n")
+    recipe = cpu_recipe(tiny_llama, tmp_path)
     one = CliRunner().invoke(main, ["validate", str(recipe), "--samples", "0"])
     two = CliRunner().invoke(main, ["validate", str(recipe), "--samples", "0", "--num-processes", "2"])
     assert one.exit_code == 0 and two.exit_code == 0, one.output + two.output
