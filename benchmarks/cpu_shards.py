@@ -60,8 +60,7 @@ def step_once(way: str, base: str, steps: int, cores: int) -> dict:
     def step() -> None:
         if way == "shards":
             torch.set_num_threads(1)
-            workers = [threading.Thread(target=forward_backward, args=(shard,))
-                       for shard in shards]
+            workers = [threading.Thread(target=forward_backward, args=(shard,)) for shard in shards]
             for worker in workers:
                 worker.start()
             for worker in workers:
@@ -117,11 +116,10 @@ def main() -> None:
             neighbour.kill()
     best_one = max(run["tokens_per_s"] for run in results["one-thread"])
     sessions = " in their own sessions" if args.separate_sessions else ""
-    autogroup = Path("/proc/sys/kernel/sched_autogroup_enabled")
-    autogroup = f", autogroup {'on' if autogroup.read_text().strip() == '1' else 'off'}" if autogroup.exists() else ""
+    setting = Path("/proc/sys/kernel/sched_autogroup_enabled")
+    autogroup = f", autogroup {'on' if setting.read_text().strip() == '1' else 'off'}" if setting.exists() else ""
     print(f"{args.base}, {cores} cores{autogroup}, beside {args.neighbours} busy process(es){sessions}, "
-          f"{args.rounds} round(s) of "
-          f"{args.steps} steps of 4 x 512 tokens")
+          f"{args.rounds} round(s) of {args.steps} steps of 4 x 512 tokens")
     print("| way | tokens/s, each round | best (x one thread) | CPU used |")
     print("|---|---|---|---|")
     for way, runs in results.items():
