@@ -8,6 +8,7 @@ so `lorakit --help` never imports torch.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -60,7 +61,7 @@ class LorakitGroup(click.Group):
             raise
 
     def invoke(self, ctx: click.Context):
-        from lorakit.errors import user_error_code
+        from lorakit.errors import RunInterrupted, user_error_code
         from lorakit.models.loading import quiet_upstream_logs
 
         quiet_upstream_logs()  # before any upstream library is imported: some speak up on import
@@ -70,6 +71,8 @@ class LorakitGroup(click.Group):
             code = user_error_code(error)
             if code is None:
                 raise
+            if isinstance(error, RunInterrupted) and int(os.environ.get("RANK", "0")) != 0:
+                sys.exit(code)  # every process stopped at the same step; the main one says where, once
             fail(str(error), code)
 
 

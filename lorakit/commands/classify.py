@@ -25,8 +25,7 @@ from lorakit.recipe.sections import Recipe
 @training_command
 def command(recipe: str, overrides: tuple[str, ...], **options: Any) -> None:
     """Train a classifier (or regressor) head with LoRA as RECIPE's task section describes."""
-    settings = load_recipe(recipe, overrides, command="classify").launch
-    relaunch_if_distributed("classify", recipe, overrides, settings, options)
+    relaunch_if_distributed("classify", recipe, overrides, load_recipe(recipe, overrides, command="classify"), options)
     run_classify(recipe, overrides, **run_options(options))
 
 

@@ -26,7 +26,7 @@ from lorakit.recipe.sections import Recipe
 def command(recipe: str, overrides: tuple[str, ...], **options: Any) -> None:
     """Preference-tune a model (DPO) as RECIPE describes: from a base model, or from an SFT run folder
     (model.name_or_path: runs/my-sft), whose adapter is trained further against the SFT model."""
-    relaunch_if_distributed("dpo", recipe, overrides, load_recipe(recipe, overrides, command="dpo").launch, options)
+    relaunch_if_distributed("dpo", recipe, overrides, load_recipe(recipe, overrides, command="dpo"), options)
     run_dpo(recipe, overrides, **run_options(options))
 
 

@@ -23,7 +23,7 @@ from lorakit.recipe.sections import Recipe
 @training_command
 def command(recipe: str, overrides: tuple[str, ...], **options: Any) -> None:
     """Fine-tune a model with LoRA or QLoRA as RECIPE describes."""
-    relaunch_if_distributed("sft", recipe, overrides, load_recipe(recipe, overrides).launch, options)
+    relaunch_if_distributed("sft", recipe, overrides, load_recipe(recipe, overrides), options)
     run_sft(recipe, overrides, **run_options(options))
 
 

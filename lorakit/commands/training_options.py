@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import shlex
 import sys
-from typing import Any, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
+
+if TYPE_CHECKING:
+    from lorakit.recipe.sections import Recipe
 
 OVERRIDES_HELP = "OVERRIDES are dotted recipe paths, e.g. training.learning_rate=1e-4 lora.r=8 data.max_length=512."
 RUN_OPTIONS = ("output_dir", "overwrite", "no_resume", "resume_changed", "device")
@@ -44,15 +48,15 @@ def training_command(function: Callable) -> click.Command:
     return click.command(epilog=OVERRIDES_HELP)(function)
 
 
-def relaunch_if_distributed(command_name: str, recipe_path: str, overrides: tuple[str, ...], settings: dict | None,
+def relaunch_if_distributed(command_name: str, recipe_path: str, overrides: tuple[str, ...], recipe: Recipe,
                             options: dict[str, Any]) -> None:
     """Re-run this command through `accelerate launch` when it asks for several processes or machines (exits);
-    return when it runs in this process. `settings` is the recipe's launch section."""
+    return when it runs in this process. `recipe` is RECIPE with OVERRIDES, loaded."""
     from lorakit.training import launch
 
     if launch.already_launched():
         return
-    settings = settings or {}
+    settings = recipe.launch or {}
     num_processes = options.get("num_processes") or settings.get("num_processes")
     accelerate_config = options.get("accelerate_config") or settings.get("accelerate_config")
     if not ((num_processes or 1) > 1 or accelerate_config or (options.get("num_machines") or 1) > 1):
@@ -70,7 +74,8 @@ def relaunch_if_distributed(command_name: str, recipe_path: str, overrides: tupl
                                  options.get("main_process_port"), command_name=command_name)
     click.echo("lorakit: " + shlex.join(line))
     threads = launch.threads_per_process(num_processes, options.get("num_machines"), accelerate_config)
-    sys.exit(launch.relaunch(line, threads))
+    output_dir = Path(options["output_dir"]).absolute() if options.get("output_dir") else recipe.output_dir
+    sys.exit(launch.relaunch(line, threads, output_dir))
 
 
 def run_options(options: dict[str, Any]) -> dict[str, Any]:

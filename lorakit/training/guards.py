@@ -84,8 +84,9 @@ class StopOnSignal(Callback):
                  "complete one\n")
             os._exit(128 + signum)  # what a shell reports for a process the signal ended
         self.received = signum
-        _say(f"lorakit: {name} received: saving a checkpoint at the end of this step, then stopping "
-             f"(send {name} again to stop at once)\n")
+        if int(os.environ.get("RANK", "0")) == 0:  # a launcher signals every process: the main one says it once
+            _say(f"lorakit: {name} received: saving a checkpoint at the end of this step, then stopping "
+                 f"(send {name} again to stop at once)\n")
 
     def on_step_end(self, args, state, control, **kwargs):
         if _on_any_process(self.received is not None, args.device):

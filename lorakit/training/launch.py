@@ -103,26 +103,38 @@ def threads_per_process(num_processes: int | None, num_machines: int | None,
     return max(1, usable_cores() // here)
 
 
-def relaunch(command: list[str], threads: int = 1) -> int:
+def relaunch(command: list[str], threads: int = 1, output_dir: Path | None = None) -> int:
     """Run the launcher and return its exit status; each process gets `threads` CPU threads unless the user set
     OMP_NUM_THREADS.
 
     SIGTERM/SIGINT sent to this process (a scheduler preempting the job) are passed on to the launcher, which
-    passes them to every worker; the workers checkpoint at the next step and exit, and their status is returned.
+    passes them to every worker; the workers checkpoint at the next step and exit 75. torch's launcher reports
+    its own death by the signal (143) instead, so when the run folder's record says the run was interrupted,
+    this returns the workers' 75, which tells a scheduler the job can be requeued and will resume.
     """
     import signal
+
+    from lorakit.errors import EXIT_INTERRUPTED
+    from lorakit.training import run_dir
 
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(threads))
     child = subprocess.Popen(command, env=env)
+    forwarded = []
 
     def forward(signum, frame):
+        forwarded.append(signum)
         if child.poll() is None:
             child.send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return child.wait()
+        status = child.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if forwarded and status != 0 and output_dir is not None:
+        record = run_dir.read_record(output_dir) or {}
+        if record.get("status") == run_dir.INTERRUPTED:
+            return EXIT_INTERRUPTED
+    return status

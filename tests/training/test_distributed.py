@@ -113,3 +113,49 @@ def test_shipped_accelerate_configs_are_valid_yaml_with_a_command():
         text = path.read_text()
         assert "lorakit sft" in text.splitlines()[1] or "lorakit sft" in text.splitlines()[2], path
         assert yaml.safe_load(text)["distributed_type"] in ("MULTI_GPU", "FSDP", "DEEPSPEED"), path
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launching_process_stops_every_worker_resumably(tiny_llama, tmp_path):
+    """A scheduler that signals only the process it started (`lorakit sft --num-processes 2`, not its group):
+    the signal reaches both workers, they checkpoint the same step, the command exits 75, and the rerun resumes
+    to the same losses and adapter as a two-process run never stopped."""
+    from conftest import assert_same_adapter, fast_training, interrupt_after, subprocess_env
+
+    from lorakit.training import run_dir
+
+    steps = 12
+    data = write_jsonl(tmp_path / "train.jsonl", facts_rows("messages", repeat=4))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {{name_or_path: {tiny_llama}}}\ndata: {{train: [{data}], max_length: 64}}\n"
+                      + fast_training(tmp_path / "out", steps), encoding="utf-8")
+    env = {**subprocess_env(tmp_path), "OMP_NUM_THREADS": "1"}
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "lorakit", "sft", str(recipe), "--num-processes", "2", "--device", "cpu",
+                "--output-dir", str(out), "training.per_device_train_batch_size=4", "training.disable_tqdm=true"]
+
+    def losses(out: Path) -> list[tuple[int, float]]:
+        return [(e["step"], e["loss"]) for e in run_dir.read_record(out)["log_history"] if "loss" in e]
+
+    never_stopped = tmp_path / "never-stopped"
+    result = subprocess.run(command(never_stopped), capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    out = tmp_path / "out"
+    err = interrupt_after(command(out), env, 3)  # SIGTERM to the launching process only; checks exit status 75
+    record = run_dir.read_record(out)
+    assert record["status"] == run_dir.INTERRUPTED, err[-2000:]
+    stopped = record["interrupted"]["step"]
+    assert 3 <= stopped < steps
+    assert [c.name for c in run_dir.complete_checkpoints(out)] == [f"checkpoint-{stopped}"]
+    # Both workers stopped; the main one says so once.
+    assert err.count(f"stopped by SIGTERM at step {stopped} of {steps}") == 1
+    assert err.count("SIGTERM received: saving a checkpoint") == 1
+
+    rerun = subprocess.run(command(out), capture_output=True, text=True, env=env, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"resuming from checkpoint-{stopped}" in rerun.stdout + rerun.stderr
+    assert run_dir.read_record(out)["status"] == run_dir.COMPLETED
+    assert losses(out) == losses(never_stopped)
+    assert_same_adapter(out, never_stopped)
