@@ -18,7 +18,8 @@ first optimizer step:
                     the tokenized data, so that the CPU figure is the whole process's peak resident memory;
   allocator         on CUDA, the caching allocator's slack; on a CPU, the freed blocks glibc keeps in its heap for
                     reuse (lorakit.training.allocator): as much again as the activations the run would keep
-                    without LoRA dropout, plus the backward workspace, where their blocks are ones glibc serves
+                    without LoRA dropout (at most eight layers' worth in float32, where fewer passes leave fewer
+                    short-lived tensors), plus the backward workspace, where their blocks are ones glibc serves
                     from its heap (under its mmap threshold; larger ones are unmapped when freed).
 Everything not listed (inputs, the run's bookkeeping) is well below the estimate's error.
 
@@ -65,6 +66,11 @@ CPU_RUNTIME_BYTES = int(0.5 * GIB)
 # on the benchmark's tiny model, 0.86-0.91x on SmolLM2-135M, with or without dropout (2,027 and 2,071 MiB, packed
 # 4 x 512; glibc 2.36); counted as 1x (docs/benchmarks.md).
 CPU_HEAP_RETAINED = 1.0
+# Where lorakit's fewer passes apply (CPU float32, lorakit.models.cpu_passes), the norms and rotary embeddings
+# leave far fewer short-lived tensors between the kept ones, and the heap holds at most about eight layers'
+# activations beyond what is live: measured 5.6-7.7 layers' worth on SmolLM2-135M (30 layers; packed, unpacked,
+# with LoRA dropout), every layer's on the 4-layer benchmark model, as before (docs/benchmarks.md).
+FEWER_PASSES_RETAINED_LAYERS = 8
 SIZE_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(gib|gb|mib|mb|g|m)\s*$", re.IGNORECASE)
 
 
@@ -204,7 +210,10 @@ def estimate_memory(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
         allocator = 0
         if layer_block < MMAP_THRESHOLD:
             plain = TrainingSetup(**{**setup.__dict__, "lora_dropout": 0.0})
-            allocator = CPU_HEAP_RETAINED * tokens * shape.layers * (
+            retained_layers = shape.layers
+            if setup.dtype == "float32":  # lorakit's fewer passes on a CPU
+                retained_layers = min(shape.layers, FEWER_PASSES_RETAINED_LAYERS)
+            allocator = CPU_HEAP_RETAINED * tokens * retained_layers * (
                 shape.hidden * e if setup.gradient_checkpointing else layer_bytes_per_token(shape, plain))
         if head_block < MMAP_THRESHOLD:
             allocator += CPU_HEAP_RETAINED * workspace
