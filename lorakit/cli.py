@@ -8,7 +8,6 @@ so `lorakit --help` never imports torch.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
 import click
@@ -63,6 +62,7 @@ class LorakitGroup(click.Group):
     def invoke(self, ctx: click.Context):
         from lorakit.errors import RunInterrupted, user_error_code
         from lorakit.models.loading import quiet_upstream_logs
+        from lorakit.training.launch import is_main_process
 
         quiet_upstream_logs()  # before any upstream library is imported: some speak up on import
         try:
@@ -71,7 +71,7 @@ class LorakitGroup(click.Group):
             code = user_error_code(error)
             if code is None:
                 raise
-            if isinstance(error, RunInterrupted) and int(os.environ.get("RANK", "0")) != 0:
+            if isinstance(error, RunInterrupted) and not is_main_process():
                 sys.exit(code)  # every process stopped at the same step; the main one says where, once
             fail(str(error), code)
 

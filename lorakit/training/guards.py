@@ -25,6 +25,7 @@ from typing import Any
 import click
 
 from lorakit.training import run_dir
+from lorakit.training.launch import is_main_process
 from lorakit.errors import (EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OUT_OF_MEMORY, OutOfMemory,  # noqa: F401
                             RunInterrupted, TrainingDiverged, TrainingStalled)
 
@@ -84,7 +85,7 @@ class StopOnSignal(Callback):
                  "complete one\n")
             os._exit(128 + signum)  # what a shell reports for a process the signal ended
         self.received = signum
-        if int(os.environ.get("RANK", "0")) == 0:  # a launcher signals every process: the main one says it once
+        if is_main_process():  # a launcher signals every process: the main one says it once
             _say(f"lorakit: {name} received: saving a checkpoint at the end of this step, then stopping "
                  f"(send {name} again to stop at once)\n")
 

@@ -23,6 +23,11 @@ def already_launched() -> bool:
     return any(name in os.environ for name in LAUNCHED_MARKERS)
 
 
+def is_main_process() -> bool:
+    """Whether this is the process that locks, records and speaks for the run (rank 0, or the only one)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def read_accelerate_config(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}

@@ -28,6 +28,7 @@ import click
 from lorakit.errors import LorakitError, OutOfMemory, RunInterrupted, TrainingDiverged, TrainingStalled
 from lorakit.recipe.sections import Recipe
 from lorakit.training import run_dir
+from lorakit.training.launch import is_main_process
 
 
 @dataclass
@@ -99,7 +100,7 @@ def run(recipe: Recipe, build: Callable[[RunContext], Built], *, overwrite: bool
     check_target_modules(recipe)
     for warning in recipe.warnings:
         click.echo(f"lorakit: warning: {warning}", err=True)
-    main_process = int(os.environ.get("RANK", "0")) == 0  # the one process that locks, deletes and records
+    main_process = is_main_process()  # the one process that locks, deletes and records
     with hold_lock(out, f"lorakit {recipe.command}") if main_process else nullcontext():
         try:
             return run_locked(recipe, build, overwrite=overwrite, no_resume=no_resume, resume_changed=resume_changed,
@@ -134,7 +135,7 @@ def run_locked(recipe: Recipe, build: Callable[[RunContext], Built], *, overwrit
     action = run_dir.prepare_output_dir(out, fingerprint, overwrite, resume_changed=resume_changed,
                                         no_resume=no_resume)
     # Before the trainer exists, the launcher's RANK says which process may delete (every process decides alike).
-    main_process = int(os.environ.get("RANK", "0")) == 0
+    main_process = is_main_process()
     if action == "overwrite" and main_process:
         run_dir.clear_run(out)
     resume_from = find_resume_point(out, main_process) if action == "resume" else None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import facts_rows, write_jsonl
+from conftest import assert_same_adapter, facts_rows, fast_training, interrupt_after, subprocess_env, write_jsonl
 from lorakit.training.launch import incompatibility, launch_command
 from lorakit.recipe import RecipeError, load_recipe
 
@@ -120,8 +120,6 @@ def test_sigterm_to_the_launching_process_stops_every_worker_resumably(tiny_llam
     """A scheduler that signals only the process it started (`lorakit sft --num-processes 2`, not its group):
     the signal reaches both workers, they checkpoint the same step, the command exits 75, and the rerun resumes
     to the same losses and adapter as a two-process run never stopped."""
-    from conftest import assert_same_adapter, fast_training, interrupt_after, subprocess_env
-
     from lorakit.training import run_dir
 
     steps = 12
