@@ -193,6 +193,13 @@ def interrupt_after(command: list[str], env: dict, logged_steps: int) -> str:
     return err
 
 
+def logged_losses(out: Path) -> list[tuple[int, float]]:
+    """(step, loss) for every logged step in a run folder's record."""
+    from lorakit.training import run_dir
+
+    return [(entry["step"], entry["loss"]) for entry in run_dir.read_record(out)["log_history"] if "loss" in entry]
+
+
 def assert_same_adapter(a: Path, b: Path) -> None:
     """Two run folders hold the same adapter, tensor for tensor, bitwise."""
     from safetensors.torch import load_file

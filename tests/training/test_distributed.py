@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_same_adapter, facts_rows, fast_training, interrupt_after, subprocess_env, write_jsonl
+from conftest import (assert_same_adapter, facts_rows, fast_training, interrupt_after, logged_losses,
+                      subprocess_env, write_jsonl)
 from lorakit.training.launch import incompatibility, launch_command
 from lorakit.recipe import RecipeError, load_recipe
 
@@ -133,9 +134,6 @@ def test_sigterm_to_the_launching_process_stops_every_worker_resumably(tiny_llam
         return [sys.executable, "-m", "lorakit", "sft", str(recipe), "--num-processes", "2", "--device", "cpu",
                 "--output-dir", str(out), "training.per_device_train_batch_size=4", "training.disable_tqdm=true"]
 
-    def losses(out: Path) -> list[tuple[int, float]]:
-        return [(e["step"], e["loss"]) for e in run_dir.read_record(out)["log_history"] if "loss" in e]
-
     never_stopped = tmp_path / "never-stopped"
     result = subprocess.run(command(never_stopped), capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -155,5 +153,5 @@ def test_sigterm_to_the_launching_process_stops_every_worker_resumably(tiny_llam
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert f"resuming from checkpoint-{stopped}" in rerun.stdout + rerun.stderr
     assert run_dir.read_record(out)["status"] == run_dir.COMPLETED
-    assert losses(out) == losses(never_stopped)
+    assert logged_losses(out) == logged_losses(never_stopped)
     assert_same_adapter(out, never_stopped)

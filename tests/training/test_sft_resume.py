@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import assert_same_adapter, facts_rows, fast_training, interrupt_after, subprocess_env, write_jsonl
+from conftest import (assert_same_adapter, facts_rows, fast_training, interrupt_after, logged_losses,
+                      subprocess_env, write_jsonl)
 
 from lorakit.training import run_dir
 from lorakit.errors import OutputDirError
@@ -39,11 +40,6 @@ lora:
   lora_dropout: 0.1
 """ + fast_training(out, STEPS), encoding="utf-8")
     return recipe
-
-
-def losses(out: Path) -> list[tuple[int, float]]:
-    record = run_dir.read_record(out)
-    return [(entry["step"], entry["loss"]) for entry in record["log_history"] if "loss" in entry]
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +74,8 @@ def test_sigterm_then_rerun_gives_the_uninterrupted_losses_and_adapter(tiny_llam
     assert result.exit_code == 0, result.output
     assert f"resuming from checkpoint-{stopped}" in result.output
     # Same model, optimizer, scheduler, RNG and data position: on CPU the arithmetic is identical, so bitwise.
-    assert losses(out) == losses(uninterrupted)
-    assert len(losses(out)) == STEPS
+    assert logged_losses(out) == logged_losses(uninterrupted)
+    assert len(logged_losses(out)) == STEPS
     assert_same_adapter(out, uninterrupted)
     assert run_dir.read_record(out)["status"] == run_dir.COMPLETED
     assert not run_dir.checkpoints(out)
@@ -129,7 +125,7 @@ def test_kill_during_a_checkpoint_save_leaves_nothing_resume_would_trust(tiny_ll
     run_sft(str(recipe), ("training.disable_tqdm=true", "training.save_strategy=steps", "training.save_steps=3"))
     record = run_dir.read_record(out)
     assert record["status"] == run_dir.COMPLETED and record["resumed_from"] == "checkpoint-3"
-    assert losses(out) == losses(uninterrupted)
+    assert logged_losses(out) == logged_losses(uninterrupted)
     assert_same_adapter(out, uninterrupted)
 
 
