@@ -152,6 +152,15 @@ def rotary_function() -> Any:
     return Rotary
 
 
+def plain_function(candidate: Any) -> Any:
+    """The Python function behind `candidate`. Where the `kernels` package is installed (transformers 5.25 requires
+    it), `@use_kernel_forward_from_hub` turns a modeling function into a module instance that calls the function
+    unless a hub kernel was swapped in; its signature is then (*args, **kwargs), so look at the function it wraps."""
+    if inspect.isfunction(candidate) or not hasattr(type(candidate), "kernel_layer_name"):
+        return candidate
+    return inspect.getclosurevars(type(candidate).forward).nonlocals.get("func", candidate)
+
+
 def install_rotary(model: Any, replaced: Replaced) -> bool:
     """The model's own modeling module's `apply_rotary_pos_emb` (looked up there at each call by its attention)."""
     import torch
@@ -161,7 +170,7 @@ def install_rotary(model: Any, replaced: Replaced) -> bool:
     if original is None or getattr(original, "_lorakit_original", None) is not None:
         return False
     try:
-        if list(inspect.signature(original).parameters) != ROTARY_PARAMETERS:
+        if list(inspect.signature(plain_function(original)).parameters) != ROTARY_PARAMETERS:
             return False  # partial rotary and other variants take other arguments
     except (TypeError, ValueError):
         return False
