@@ -18,14 +18,15 @@ from lorakit.commands.training_options import (
     run_options,
     training_command,
 )
-from lorakit.recipe.load import load_recipe
+from lorakit.recipe.load import load_recipe, with_output_dir
 from lorakit.recipe.sections import Recipe
 
 
 @training_command
 def command(recipe: str, overrides: tuple[str, ...], **options: Any) -> None:
     """Train a classifier (or regressor) head with LoRA as RECIPE's task section describes."""
-    relaunch_if_distributed("classify", recipe, overrides, load_recipe(recipe, overrides, command="classify"), options)
+    loaded = load_recipe(recipe, with_output_dir(overrides, options["output_dir"]), command="classify")
+    relaunch_if_distributed("classify", recipe, overrides, loaded, options)
     run_classify(recipe, overrides, **run_options(options))
 
 

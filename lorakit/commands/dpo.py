@@ -18,7 +18,7 @@ from lorakit.commands.training_options import (
     run_options,
     training_command,
 )
-from lorakit.recipe.load import load_recipe
+from lorakit.recipe.load import load_recipe, with_output_dir
 from lorakit.recipe.sections import Recipe
 
 
@@ -26,7 +26,8 @@ from lorakit.recipe.sections import Recipe
 def command(recipe: str, overrides: tuple[str, ...], **options: Any) -> None:
     """Preference-tune a model (DPO) as RECIPE describes: from a base model, or from an SFT run folder
     (model.name_or_path: runs/my-sft), whose adapter is trained further against the SFT model."""
-    relaunch_if_distributed("dpo", recipe, overrides, load_recipe(recipe, overrides, command="dpo"), options)
+    loaded = load_recipe(recipe, with_output_dir(overrides, options["output_dir"]), command="dpo")
+    relaunch_if_distributed("dpo", recipe, overrides, loaded, options)
     run_dpo(recipe, overrides, **run_options(options))
 
 

@@ -16,14 +16,15 @@ from lorakit.commands.training_options import (
     run_options,
     training_command,
 )
-from lorakit.recipe.load import load_recipe
+from lorakit.recipe.load import load_recipe, with_output_dir
 from lorakit.recipe.sections import Recipe
 
 
 @training_command
 def command(recipe: str, overrides: tuple[str, ...], **options: Any) -> None:
     """Fine-tune a model with LoRA or QLoRA as RECIPE describes."""
-    relaunch_if_distributed("sft", recipe, overrides, load_recipe(recipe, overrides), options)
+    loaded = load_recipe(recipe, with_output_dir(overrides, options["output_dir"]))
+    relaunch_if_distributed("sft", recipe, overrides, loaded, options)
     run_sft(recipe, overrides, **run_options(options))
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shlex
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import click
@@ -51,7 +50,7 @@ def training_command(function: Callable) -> click.Command:
 def relaunch_if_distributed(command_name: str, recipe_path: str, overrides: tuple[str, ...], recipe: Recipe,
                             options: dict[str, Any]) -> None:
     """Re-run this command through `accelerate launch` when it asks for several processes or machines (exits);
-    return when it runs in this process. `recipe` is RECIPE with OVERRIDES, loaded."""
+    return when it runs in this process. `recipe` is RECIPE with OVERRIDES and --output-dir, loaded."""
     from lorakit.training import launch
 
     if launch.already_launched():
@@ -74,8 +73,7 @@ def relaunch_if_distributed(command_name: str, recipe_path: str, overrides: tupl
                                  options.get("main_process_port"), command_name=command_name)
     click.echo("lorakit: " + shlex.join(line))
     threads = launch.threads_per_process(num_processes, options.get("num_machines"), accelerate_config)
-    output_dir = Path(options["output_dir"]).absolute() if options.get("output_dir") else recipe.output_dir
-    sys.exit(launch.relaunch(line, threads, output_dir))
+    sys.exit(launch.relaunch(line, threads, recipe.output_dir))
 
 
 def run_options(options: dict[str, Any]) -> dict[str, Any]:

@@ -130,6 +130,13 @@ def read_with_overrides(file: Path, overrides: typing.Sequence[str]) -> tuple[di
     return data, lines, overridden
 
 
+def with_output_dir(overrides: typing.Sequence[str], output_dir: str | os.PathLike | None) -> tuple[str, ...]:
+    """OVERRIDES with a command's --output-dir as an absolute training.output_dir (it wins over the recipe's)."""
+    if not output_dir:
+        return tuple(overrides)
+    return (*overrides, f"training.output_dir={Path(output_dir).absolute()}")
+
+
 def load_recipe(file: str | os.PathLike, overrides: typing.Sequence[str] = (), check_paths: bool = True,
                 command: str = "sft") -> Recipe:
     """Read, override, validate and resolve a recipe for a training `command` (sft, dpo, classify: it decides

@@ -59,12 +59,10 @@ def run_recipe(command: str, recipe_path: str | os.PathLike, overrides: tuple[st
                no_resume: bool = False, resume_changed: bool = False, device: str | None = None,
                callbacks: tuple = ()) -> Path:
     """Load the recipe file for `command` (with overrides and --output-dir) and `run` it."""
-    from lorakit.recipe.load import load_recipe
+    from lorakit.recipe.load import load_recipe, with_output_dir
 
     check_options(overwrite, no_resume)
-    if output_dir:
-        overrides = (*overrides, f"training.output_dir={Path(output_dir).absolute()}")
-    recipe = load_recipe(recipe_path, overrides, command=command)
+    recipe = load_recipe(recipe_path, with_output_dir(overrides, output_dir), command=command)
     return run(recipe, build, overwrite=overwrite, no_resume=no_resume, resume_changed=resume_changed, device=device,
                callbacks=callbacks)
 
